@@ -1,0 +1,1 @@
+"""Adapters that make third-party hierarchical VAEs look like an ``ebm_prior.Backbone``."""
