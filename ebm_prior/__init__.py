@@ -2,14 +2,40 @@ r"""A joint latent-space energy-based prior for hierarchical VAEs."""
 
 from ._version import __version__
 from .backbone import Backbone, Posterior
+from .likelihood import LogPartition, log_likelihood_bound, log_partition
+from .objectives import (
+    EBMLoss,
+    JointLoss,
+    PriorLoss,
+    backbone_prior_loss,
+    ebm_loss,
+    joint_loss,
+    two_stage_loss,
+)
 from .prior import ConvEnergy, JointEBMPrior, MLPEnergy
 from .reference import CONFIGS, HierarchicalVAE
-from .sample import EpsLangevin, Langevin, LangevinDivergenceError, LangevinResult, PosteriorLangevin
+from .sample import (
+    EpsLangevin,
+    Langevin,
+    LangevinDivergenceError,
+    LangevinResult,
+    PosteriorLangevin,
+)
 
 __all__ = [
     "CONFIGS",
     "Backbone",
     "ConvEnergy",
+    "EBMLoss",
+    "JointLoss",
+    "LogPartition",
+    "PriorLoss",
+    "backbone_prior_loss",
+    "ebm_loss",
+    "joint_loss",
+    "log_likelihood_bound",
+    "log_partition",
+    "two_stage_loss",
     "EpsLangevin",
     "HierarchicalVAE",
     "JointEBMPrior",

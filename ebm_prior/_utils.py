@@ -16,7 +16,9 @@ def normalize_shapes(latent_shapes: Sequence[Sequence[int]]) -> tuple[Shape, ...
     r"""Returns ``latent_shapes`` as a tuple of tuples of positive ints (JSON gives lists)."""
 
     if isinstance(latent_shapes, (str, bytes)) or len(latent_shapes) == 0:
-        raise ValueError(f"latent_shapes must be a non-empty list of shapes, got {latent_shapes!r}")
+        raise ValueError(
+            f"latent_shapes must be a non-empty list of shapes, got {latent_shapes!r}"
+        )
     shapes = []
     for i, shape in enumerate(latent_shapes):
         if isinstance(shape, int):
@@ -66,11 +68,15 @@ def check_latents(
         elif x.shape[0] != batch:
             raise ValueError(f"{name}[{i}] has batch size {x.shape[0]}, but {name}[0] has {batch}")
         if x.dtype != latents[0].dtype:
-            raise TypeError(f"{name}[{i}] has dtype {x.dtype}, but {name}[0] has {latents[0].dtype}")
+            raise TypeError(
+                f"{name}[{i}] has dtype {x.dtype}, but {name}[0] has {latents[0].dtype}"
+            )
         if device is not None and x.device.type != torch.device(device).type:
             raise ValueError(f"{name}[{i}] is on {x.device}, expected {device}")
         if x.device != latents[0].device:
-            raise ValueError(f"{name}[{i}] is on {x.device}, but {name}[0] is on {latents[0].device}")
+            raise ValueError(
+                f"{name}[{i}] is on {x.device}, but {name}[0] is on {latents[0].device}"
+            )
     return int(batch)
 
 
