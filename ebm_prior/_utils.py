@@ -91,9 +91,9 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
-    r"""Returns the floating dtype of the first parameter of ``module`` (default dtype if none)."""
+    r"""Returns the floating dtype of the first floating parameter (or buffer) of ``module``."""
 
-    for t in module.parameters():
+    for t in (*module.parameters(), *module.buffers()):
         if t.is_floating_point():
             return t.dtype
     return torch.get_default_dtype()

@@ -138,7 +138,7 @@ class BackboneContract:
         eps = [e.requires_grad_(True) for e in backbone.sample_eps(self.batch)]
         z = backbone.eps_to_z(eps)
         prior = JointEBMPrior(backbone.latent_shapes, nef=8, num_layers=1, channels=4)
-        prior.to(eps[0].device)
+        prior.to(device=eps[0].device, dtype=eps[0].dtype)
         (prior(z).sum() + backbone.log_prior(z).sum()).backward()
         for i, e in enumerate(eps):
             assert e.grad is not None and torch.isfinite(e.grad).all(), f"group {i}"
@@ -159,7 +159,7 @@ class BackboneContract:
 
     def test_sampling_leaves_parameters_alone(self, backbone: Backbone):
         prior = JointEBMPrior(backbone.latent_shapes, nef=8, num_layers=1, channels=4)
-        prior.to(backbone.device)
+        prior.to(device=backbone.device, dtype=backbone.dtype)
         before = {n: p.requires_grad for n, p in backbone.named_parameters()}
         out = EpsLangevin(prior, backbone, step_size=0.05, steps=3, mala=True)(
             backbone.sample_eps(self.batch)

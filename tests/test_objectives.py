@@ -1,0 +1,157 @@
+"""Energies, objectives and likelihood: float64 gradient checks and exact identities."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from toys import LinearGaussian, QuadraticEnergy, linear_eps_law
+
+from ebm_prior import (
+    EpsLangevin,
+    HierarchicalVAE,
+    JointEBMPrior,
+    backbone_prior_loss,
+    ebm_loss,
+    joint_loss,
+    log_likelihood_bound,
+    log_partition,
+    two_stage_loss,
+)
+
+
+@pytest.fixture
+def f64():
+    torch.manual_seed(0)
+    vae = HierarchicalVAE(latent_dims=(3, 4), hidden=8, num_layers=1).double().eval()
+    prior = JointEBMPrior(vae.latent_shapes, nef=6, num_layers=2).double()
+    return vae, prior
+
+
+@pytest.mark.parametrize("shapes", [[(3,), (5,)], [(2, 8, 8), (4,)], [(3, 4, 4)]])
+def test_gradcheck_energies(shapes):
+    torch.manual_seed(0)
+    prior = JointEBMPrior(shapes, nef=5, num_layers=2, channels=3).double()
+    z = [torch.randn(2, *s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    assert torch.autograd.gradcheck(lambda *z: prior(list(z)), z)
+    assert torch.autograd.gradcheck(lambda *z: prior.energies(list(z)), z)
+
+
+def test_gradcheck_eps_space_target(f64):
+    vae, prior = f64
+    eps = [e.requires_grad_(True) for e in vae.sample_eps(3)]
+    for target in ("exact", "anchor"):
+        s = EpsLangevin(prior, vae, step_size=0.1, steps=1, target=target)
+        assert torch.autograd.gradcheck(lambda *e: s.log_density(list(e)), eps)
+
+
+def test_gradcheck_backbone_maps(f64):
+    vae, _ = f64
+    eps = [e.requires_grad_(True) for e in vae.sample_eps(3)]
+    assert torch.autograd.gradcheck(lambda *e: tuple(vae.eps_to_z(list(e), 0.8)), eps)
+    assert torch.autograd.gradcheck(lambda *z: vae.log_prior(list(z)), eps)
+
+
+def test_ebm_loss_gradient_is_contrastive(f64):
+    r""":math:`\nabla_a \mathcal{L}_a = \mathbb{E}_-[\nabla f] - \mathbb{E}_+[\nabla f]`,
+    checked sample by sample in float64."""
+
+    _, prior = f64
+    zp = [torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)]
+    zn = [torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)]
+    out = ebm_loss(prior, zp, zn)
+    grads = torch.autograd.grad(out.loss, list(prior.parameters()))
+
+    def mean_grad(z):
+        acc = [torch.zeros_like(p) for p in prior.parameters()]
+        n = z[0].shape[0]
+        for i in range(n):
+            g = torch.autograd.grad(prior([zi[i : i + 1] for zi in z]).sum(), prior.parameters())
+            acc = [a + gi / n for a, gi in zip(acc, g)]
+        return acc
+
+    expected = [n - p for n, p in zip(mean_grad(zn), mean_grad(zp))]
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    torch.testing.assert_close(out.loss, out.f_neg - out.f_pos)
+
+
+def test_objectives_gradcheck_and_detach(f64):
+    vae, prior = f64
+    x = (torch.rand(3, 1, 8, 8) > 0.5).double()
+    zn = [z.requires_grad_(True) for z in vae.eps_to_z(vae.sample_eps(3))]
+    torch.manual_seed(1)
+    post = vae.posterior(x)
+    out = joint_loss(prior, vae, x, zn, posterior=post)
+    out.loss.backward()
+    assert all(z.grad is None for z in zn), "negatives must be detached"
+    assert all(p.grad is not None for p in prior.parameters())
+    assert all(p.grad is not None for p in vae.encoder_x.parameters())
+    manual = (
+        -(
+            vae.log_likelihood(x, post.z) + prior(post.z) + vae.log_prior(post.z) - post.log_q
+        ).mean()
+        + (prior(zn) + vae.log_prior(zn)).mean()
+    )
+    torch.testing.assert_close(out.loss, manual)
+
+    zp = [torch.randn(3, d, dtype=torch.float64, requires_grad=True) for d in (3, 4)]
+    assert torch.autograd.gradcheck(
+        lambda *z: backbone_prior_loss(vae, list(z), [zi.detach() for zi in zn]).loss, zp
+    )
+    vae.zero_grad()
+    pl = backbone_prior_loss(vae, zp, zn)
+    torch.testing.assert_close(pl.loss, pl.log_p_neg - pl.log_p_pos)
+
+    prior.zero_grad()
+    ts = two_stage_loss(prior, vae, x, zn)
+    vae.zero_grad()
+    ts.loss.backward()
+    assert all(p.grad is None for p in vae.parameters()), "two-stage: the backbone is frozen"
+
+
+def test_log_partition_matches_closed_form():
+    r"""For a linear-Gaussian backbone and a quadratic energy,
+    :math:`Z = \det(P)^{-1/2} \exp(-\tfrac12 m^\top C m + \tfrac12 b^\top P^{-1} b)`."""
+
+    vae = LinearGaussian(d=2)
+    rng = np.random.default_rng(0)
+    c = np.diag(rng.uniform(0.1, 0.5, 4))
+    m = rng.normal(size=4)
+    prec, _ = linear_eps_law(vae, c, m)
+    b = vae.matrix().T @ c @ m
+    exact = (
+        -0.5 * np.linalg.slogdet(prec)[1] - 0.5 * m @ c @ m + 0.5 * b @ np.linalg.solve(prec, b)
+    )
+    est = log_partition(
+        QuadraticEnergy(c, m), vae, num_samples=200_000, batch_size=50_000,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert 0 < est.std_error < 0.02
+    assert abs(est.value - exact) < 5 * est.std_error + 1e-3
+    assert est.ess > 1000
+
+
+def test_likelihood_bound_identities(f64):
+    vae, prior = f64
+    x = (torch.rand(4, 1, 8, 8) > 0.5).double()
+
+    class Const(torch.nn.Module):
+        def forward(self, z):
+            return torch.full((z[0].shape[0],), 3.0, dtype=z[0].dtype)
+
+    torch.manual_seed(5)
+    gauss = log_likelihood_bound(vae, x, num_samples=16)
+    torch.manual_seed(5)
+    const = log_likelihood_bound(vae, x, prior=Const(), log_z=3.0, num_samples=16)
+    torch.testing.assert_close(gauss, const)
+    lz = log_partition(Const(), vae, num_samples=100)
+    assert lz.value == pytest.approx(3.0) and lz.std_error == pytest.approx(0.0, abs=1e-12)
+    # more importance samples give a tighter (larger on average) bound
+    torch.manual_seed(0)
+    k1 = torch.stack([log_likelihood_bound(vae, x, num_samples=1) for _ in range(50)]).mean()
+    k64 = torch.stack([log_likelihood_bound(vae, x, num_samples=64) for _ in range(5)]).mean()
+    assert k64 > k1
+    with pytest.raises(ValueError, match="log_z"):
+        log_likelihood_bound(vae, x, prior=prior)
+    assert math.isfinite(float(log_likelihood_bound(vae, x, prior, log_z=0.1).mean()))
