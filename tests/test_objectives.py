@@ -79,7 +79,7 @@ def test_ebm_loss_gradient_is_contrastive(f64):
 def test_objectives_gradcheck_and_detach(f64):
     vae, prior = f64
     x = (torch.rand(3, 1, 8, 8) > 0.5).double()
-    zn = [z.requires_grad_(True) for z in vae.eps_to_z(vae.sample_eps(3))]
+    zn = [z.detach().requires_grad_(True) for z in vae.eps_to_z(vae.sample_eps(3))]
     torch.manual_seed(1)
     post = vae.posterior(x)
     out = joint_loss(prior, vae, x, zn, posterior=post)

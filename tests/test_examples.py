@@ -1,0 +1,50 @@
+"""The main job and the README snippets run at tiny sizes (the pipeline, not the numbers)."""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def test_train_digits_tiny(tmp_path, capsys):
+    import train_digits
+
+    out = train_digits.main(
+        [
+            "--epochs", "2", "--langevin-steps", "3", "--eval-langevin-steps", "4",
+            "--eval-samples", "3", "--log-z-samples", "200", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "Gaussian prior (VAE)" in printed and "joint EBM prior" in printed
+    assert set(out["rows"]) == {
+        "Gaussian prior (VAE)", "joint EBM prior", "same backbone, EBM removed"
+    }  # fmt: skip
+    for name in ("samples_gaussian_prior.png", "samples_ebm_prior.png", "langevin_transition.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def readme_snippets():
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("i", range(len(readme_snippets())))
+def test_readme_snippet(i, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_snippets()[i], f"README.md[python {i}]", "exec"), {})
+
+
+def test_readme_opens_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    assert "examples/train_digits.py" in block and "pytest" in block
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_cmd = [ln.split("#")[0].strip() for ln in block.splitlines() if "pytest" in ln][0]
+    assert test_cmd in ci, "CI must run the README's test command"
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)
