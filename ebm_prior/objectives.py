@@ -69,23 +69,32 @@ def _detach(z: Sequence[Tensor]) -> list[Tensor]:
     return [zi.detach() for zi in z]
 
 
-def ebm_loss(prior: Energy, z_pos: Sequence[Tensor], z_neg: Sequence[Tensor]) -> EBMLoss:
+def ebm_loss(
+    prior: Energy, z_pos: Sequence[Tensor], z_neg: Sequence[Tensor], reg: float = 0.0
+) -> EBMLoss:
     r"""Returns the contrastive loss whose gradient is the EBM's maximum-likelihood gradient.
 
-    .. math:: \mathcal{L}_a = \mathbb{E}_{z^-}[f_a(z^-)] - \mathbb{E}_{z^+}[f_a(z^+)],
-              \quad -\nabla_a \mathcal{L}_a = \mathbb{E}_+[\nabla f_a] - \mathbb{E}_-[\nabla f_a]
+    .. math:: \mathcal{L}_a = \mathbb{E}_{z^-}[f_a(z^-)] - \mathbb{E}_{z^+}[f_a(z^+)]
+              + \lambda \big(\mathbb{E}_{z^-}[f_a(z^-)^2] + \mathbb{E}_{z^+}[f_a(z^+)^2]\big)
 
-    Both inputs are detached: only the energy's parameters receive gradients.
+    so that :math:`-\nabla_a \mathcal{L}_a = \mathbb{E}_+[\nabla f_a] - \mathbb{E}_-[\nabla f_a]`
+    when :math:`\lambda = 0`. Both inputs are detached: only the energy's parameters receive
+    gradients.
 
     Arguments:
         prior: The energy :math:`f_a` (e.g. a :class:`JointEBMPrior`), list -> :math:`(B,)`.
         z_pos: Posterior samples, one tensor per group.
         z_neg: Prior samples (eps-space Langevin, then :math:`T_b`), one tensor per group.
+        reg: :math:`\lambda`, an L2 penalty on the energy values that keeps short-run
+            negatives able to follow the energy (Du & Mordatch, 2019); 0 disables it.
     """
 
-    f_pos = prior(_detach(z_pos)).mean()
-    f_neg = prior(_detach(z_neg)).mean()
-    return EBMLoss(f_neg - f_pos, f_pos.detach(), f_neg.detach())
+    f_pos = prior(_detach(z_pos))
+    f_neg = prior(_detach(z_neg))
+    loss = f_neg.mean() - f_pos.mean()
+    if reg:
+        loss = loss + reg * ((f_pos**2).mean() + (f_neg**2).mean())
+    return EBMLoss(loss, f_pos.mean().detach(), f_neg.mean().detach())
 
 
 def backbone_prior_loss(
@@ -113,6 +122,7 @@ def joint_loss(
     x: Tensor,
     z_neg: Sequence[Tensor],
     posterior: Posterior | None = None,
+    reg: float = 0.0,
 ) -> JointLoss:
     r"""Returns the variational joint-learning objective.
 
@@ -130,6 +140,7 @@ def joint_loss(
         x: Data batch, with shape :math:`(B, *)`.
         z_neg: Prior samples (detached inside).
         posterior: A reparameterised posterior sample of ``x`` to reuse (drawn if ``None``).
+        reg: L2 penalty :math:`\lambda` on the energy values, as in :func:`ebm_loss`.
     """
 
     post = backbone.posterior(x) if posterior is None else posterior
@@ -140,6 +151,8 @@ def joint_loss(
     f_neg = prior(z_neg)
     lp_neg = backbone.log_prior(z_neg)
     loss = -(ll + f_pos + lp - post.log_q).mean() + (f_neg + lp_neg).mean()
+    if reg:
+        loss = loss + reg * ((f_pos**2).mean() + (f_neg**2).mean())
     return JointLoss(
         loss,
         (ll + lp - post.log_q).mean().detach(),
@@ -151,7 +164,7 @@ def joint_loss(
 
 
 def two_stage_loss(
-    prior: Energy, backbone: Backbone, x: Tensor, z_neg: Sequence[Tensor]
+    prior: Energy, backbone: Backbone, x: Tensor, z_neg: Sequence[Tensor], reg: float = 0.0
 ) -> EBMLoss:
     r"""Returns the EBM loss for two-stage fine-tuning on a frozen backbone.
 
@@ -161,4 +174,4 @@ def two_stage_loss(
 
     with torch.no_grad():
         z_pos = backbone.posterior(x).z
-    return ebm_loss(prior, z_pos, z_neg)
+    return ebm_loss(prior, z_pos, z_neg, reg)

@@ -155,3 +155,13 @@ def test_likelihood_bound_identities(f64):
     with pytest.raises(ValueError, match="log_z"):
         log_likelihood_bound(vae, x, prior=prior)
     assert math.isfinite(float(log_likelihood_bound(vae, x, prior, log_z=0.1).mean()))
+
+
+def test_energy_regulariser(f64):
+    _, prior = f64
+    zp = [torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)]
+    zn = [torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)]
+    plain, reg = ebm_loss(prior, zp, zn), ebm_loss(prior, zp, zn, reg=0.5)
+    expected = plain.loss + 0.5 * ((prior(zp) ** 2).mean() + (prior(zn) ** 2).mean())
+    torch.testing.assert_close(reg.loss, expected)
+    torch.testing.assert_close(reg.f_pos, plain.f_pos)
