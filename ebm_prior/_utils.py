@@ -60,9 +60,8 @@ def check_latents(
         if not x.is_floating_point():
             raise TypeError(f"{name}[{i}] must be a floating point tensor, got dtype {x.dtype}")
         if tuple(x.shape[1:]) != tuple(shape) or x.dim() != len(shape) + 1:
-            raise ValueError(
-                f"{name}[{i}] has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, shape))})"
-            )
+            expected = ", ".join(map(str, shape))
+            raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)}, expected (B, {expected})")
         if batch is None:
             batch = x.shape[0]
         elif x.shape[0] != batch:

@@ -19,8 +19,9 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 class LinearGaussian(Backbone):
-    r"""Two groups of size ``d``: :math:`z_1 = t\epsilon_1`, :math:`z_2 = A z_1 + t\sigma\epsilon_2`,
-    :math:`x = W z_2 + \sigma_x \nu`, posterior :math:`q(z|x)` a fixed diagonal Gaussian."""
+    r"""Two groups of size ``d``: :math:`z_1 = t\epsilon_1`,
+    :math:`z_2 = A z_1 + t\sigma\epsilon_2`, :math:`x = W z_2 + \sigma_x \nu`;
+    the posterior :math:`q(z|x)` is a fixed standard Gaussian."""
 
     adapter_name = "toy-linear"
 
