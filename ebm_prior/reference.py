@@ -76,7 +76,7 @@ def _conv_decoder(d_in: int, x_shape: Sequence[int], ch: int) -> nn.Sequential:
 
 
 class _Gaussian(nn.Module):
-    r"""Maps features to :math:`(\mu, \sigma)`, :math:`\sigma = \mathrm{softplus}(\cdot) + 0.01`."""
+    r"""Maps features to :math:`(\mu, \sigma)` with :math:`\sigma = \mathrm{softplus} + 0.01`."""
 
     def __init__(self, net: nn.Module):
         super().__init__()

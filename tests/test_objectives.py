@@ -42,7 +42,7 @@ def test_gradcheck_eps_space_target(f64):
     eps = [e.requires_grad_(True) for e in vae.sample_eps(3)]
     for target in ("exact", "anchor"):
         s = EpsLangevin(prior, vae, step_size=0.1, steps=1, target=target)
-        assert torch.autograd.gradcheck(lambda *e: s.log_density(list(e)), eps)
+        assert torch.autograd.gradcheck(lambda *e, s=s: s.log_density(list(e)), eps)
 
 
 def test_gradcheck_backbone_maps(f64):

@@ -32,7 +32,7 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-# -- the toys satisfy the contract too ------------------------------------------------------------
+# -- the toys satisfy the contract too --
 
 
 class TestLinearGaussianContract(BackboneContract):
@@ -55,7 +55,7 @@ class TestHeteroscedasticContract(BackboneContract):
         return torch.randn(self.batch, 1, dtype=torch.float64)
 
 
-# -- ULA pins the step-size convention ------------------------------------------------------------
+# -- ULA pins the step-size convention --
 
 
 @pytest.mark.parametrize("s, v0", [(0.5, 0.3), (0.3, 0.1)])
@@ -100,7 +100,7 @@ def test_ula_eps_space_linear_gaussian_closed_form():
     np.testing.assert_allclose(np.cov(eps.T), cov, atol=0.05)
 
 
-# -- MALA is exact ----------------------------------------------------------------------------------
+# -- MALA is exact --
 
 
 def test_mala_linear_gaussian_exact():
@@ -161,7 +161,7 @@ def test_mala_posterior_linear_gaussian_exact():
         assert stats.kstest(z[:, j], stats.norm(mean[j], np.sqrt(cov[j, j])).cdf).pvalue > ALPHA
 
 
-# -- the exact target vs the anchors' Jacobian-biased target ----------------------------------------
+# -- the exact target vs the anchors' Jacobian-biased target --
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,7 @@ def test_anchor_and_exact_differ_by_log_jacobian():
     torch.testing.assert_close(anchor - exact, -log_jac - np.log(2 * np.pi))
 
 
-# -- behaviour --------------------------------------------------------------------------------------
+# -- behaviour --
 
 
 @pytest.fixture
