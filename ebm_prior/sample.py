@@ -207,10 +207,13 @@ class Langevin:
 
         with frozen(*self.modules):
             logp, grad = self._value_and_grad(x, free)
-            bad = _nonfinite(logp, grad)
+            norm = _norm(grad)
+            bad = ~torch.isfinite(logp) | ~torch.isfinite(norm)
             if bool(bad.any()):
                 raise LangevinDivergenceError(-1, bad.nonzero().flatten().tolist())
-            drift = self._drift(grad)
+            drift = self._drift(grad, norm)
+            # ULA that raises on divergence accepts every proposal: no selection needed
+            select = self.mala or self.on_nonfinite == "reject"
 
             for k in tqdm(range(steps), disable=not self.progress, desc="Langevin", leave=False):
                 noise = [self._randn(x[i]) for i in free]
@@ -218,27 +221,32 @@ class Langevin:
                 for j, i in enumerate(free):
                     prop[i] = x[i] + drift[j] + s * noise[j]
                 logp_p, grad_p = self._value_and_grad(prop, free)
-                drift_p = self._drift(grad_p)
-                bad = _nonfinite(logp_p, grad_p)
-                ok = ~bad
-                if self.mala:
-                    log_q_fwd = -0.5 * sum(flat_sum(e**2) for e in noise)
-                    log_q_bwd = -sum(
-                        flat_sum((x[i] - prop[i] - drift_p[j]) ** 2) for j, i in enumerate(free)
-                    ) / (2 * s**2)
-                    log_alpha = logp_p - logp + log_q_bwd - log_q_fwd
-                    u = torch.rand(batch, generator=self.generator, device=device, dtype=dtype)
-                    ok = ok & (u.log() < torch.nan_to_num(log_alpha, nan=-math.inf))
-                accepted += ok.to(dtype)
-                rejected += bad.long()
+                norm_p = _norm(grad_p)
+                drift_p = self._drift(grad_p, norm_p)
+                bad = ~torch.isfinite(logp_p) | ~torch.isfinite(norm_p)
                 first_bad = torch.where(bad & (first_bad == -2), k, first_bad)
-                x = [_where(ok, p, c) for p, c in zip(prop, x)]
-                logp = torch.where(ok, logp_p, logp)
-                grad = [_where(ok, gp, g) for gp, g in zip(grad_p, grad)]
-                drift = [_where(ok, dp, d) for dp, d in zip(drift_p, drift)]
+                if select:
+                    ok = ~bad
+                    if self.mala:
+                        log_q_fwd = -0.5 * sum(flat_sum(e**2) for e in noise)
+                        log_q_bwd = -sum(
+                            flat_sum((x[i] - prop[i] - drift_p[j]) ** 2)
+                            for j, i in enumerate(free)
+                        ) / (2 * s**2)
+                        log_alpha = logp_p - logp + log_q_bwd - log_q_fwd
+                        u = torch.rand(batch, generator=self.generator, device=device, dtype=dtype)
+                        ok = ok & (u.log() < torch.nan_to_num(log_alpha, nan=-math.inf))
+                    accepted += ok.to(dtype)
+                    rejected += bad.long()
+                    x = [_where(ok, p, c) for p, c in zip(prop, x)]
+                    logp = torch.where(ok, logp_p, logp)
+                    norm = torch.where(ok, norm_p, norm)
+                    drift = [_where(ok, dp, d) for dp, d in zip(drift_p, drift)]
+                else:
+                    x, logp, norm, drift = prop, logp_p, norm_p, drift_p
                 if self.trace:
                     log_trace[k] = logp
-                    norm_trace[k] = _norm(grad)
+                    norm_trace[k] = norm
                 if self.on_nonfinite == "raise" and ((k + 1) % self.check_every == 0):
                     self._check(first_bad)
             if self.on_nonfinite == "raise":
@@ -263,10 +271,9 @@ class Langevin:
             grad = torch.autograd.grad(logp.sum(), [x[i] for i in free])
         return logp.detach(), [g.detach() for g in grad]
 
-    def _drift(self, grad: list[Tensor]) -> list[Tensor]:
+    def _drift(self, grad: list[Tensor], norm: Tensor) -> list[Tensor]:
         c = 0.5 * self.step_size**2
         if self.clip_grad is not None:
-            norm = _norm(grad)
             scale = (self.clip_grad / norm.clamp_min(1e-12)).clamp(max=1.0)
             scale = torch.nan_to_num(scale, nan=1.0)
             return [c * _bcast(scale, g) * g for g in grad]
@@ -293,10 +300,6 @@ def _where(cond: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 def _norm(grad: list[Tensor]) -> Tensor:
     return sum(flat_sum(g**2) for g in grad).sqrt()
-
-
-def _nonfinite(logp: Tensor, grad: list[Tensor]) -> Tensor:
-    return ~torch.isfinite(logp) | ~torch.isfinite(_norm(grad))
 
 
 class EpsLangevin(Langevin):
