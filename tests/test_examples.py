@@ -16,16 +16,19 @@ def test_train_digits_tiny(tmp_path, capsys):
 
     out = train_digits.main(
         [
-            "--epochs", "2", "--langevin-steps", "3", "--eval-langevin-steps", "4",
+            "--epochs", "2", "--two-stage-epochs", "1", "--langevin-steps", "3",
+            "--eval-langevin-steps", "4",
             "--eval-samples", "3", "--log-z-samples", "200", "--out", str(tmp_path),
         ]
     )  # fmt: skip
     printed = capsys.readouterr().out
-    assert "Gaussian prior (VAE)" in printed and "joint EBM prior" in printed
-    assert set(out["rows"]) == {
-        "Gaussian prior (VAE)", "joint EBM prior", "same backbone, EBM removed"
-    }  # fmt: skip
-    for name in ("samples_gaussian_prior.png", "samples_ebm_prior.png", "langevin_transition.png"):
+    assert "Gaussian prior (VAE)" in printed and "two-stage EBM prior" in printed
+    assert len(out["rows"]) == 4
+    assert all(abs(r["iw"]) < 1e4 for r in out["rows"].values())
+    for name in (
+        "samples_A_gaussian_prior.png", "samples_B_two_stage_ebm_prior.png",
+        "samples_C_joint_ebm_prior.png", "langevin_transition.png",
+    ):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 1000
 
 
