@@ -185,13 +185,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     if not args.no_figures:
         os.makedirs(args.out, exist_ok=True)
-        figures(gauss, two_stage, joint_vae, joint, args)
+        figures(gauss, two_stage, joint_vae, joint, args, test)
         print(f"figures written to {args.out}/")
     return {"rows": {name: r for name, (r, _) in rows.items()}, "log_z": (z_two, z_joint)}
 
 
 @torch.no_grad()
-def figures(gauss, two_stage, joint_vae, joint, args) -> None:
+def figures(gauss, two_stage, joint_vae, joint, args, test) -> None:
     r"""Sample grids for the three models and a Langevin-transition figure (model B)."""
 
     import matplotlib
@@ -216,12 +216,14 @@ def figures(gauss, two_stage, joint_vae, joint, args) -> None:
         steps.append(k)
     eps_joint = langevin(joint, joint_vae, joint_vae.sample_eps(n, generator=g), steps[-1])
     grids = {
+        "data_test_digits.png": test[:n],
         "samples_A_gaussian_prior.png": gauss.decode(gauss.eps_to_z(snaps[0])),
         "samples_B_two_stage_ebm_prior.png": gauss.decode(gauss.eps_to_z(eps)),
         "samples_C_joint_ebm_prior.png": joint_vae.decode(joint_vae.eps_to_z(eps_joint)),
     }
     for name, x in grids.items():
-        _grid(plt, x, os.path.join(args.out, name), title=name[8:-4].replace("_", " "))
+        title = name.split("_", 1)[1][:-4].replace("_", " ")
+        _grid(plt, x, os.path.join(args.out, name), title=title)
 
     rows = 8
     fig, axes = plt.subplots(rows, len(snaps), figsize=(len(snaps) * 0.9, rows * 0.9))
@@ -237,8 +239,11 @@ def figures(gauss, two_stage, joint_vae, joint, args) -> None:
 
 
 def _grid(plt, x: torch.Tensor, path: str, title: str) -> None:
-    n = int(math.sqrt(len(x)))
-    img = x[: n * n, 0].reshape(n, n, 8, 8).permute(0, 2, 1, 3).reshape(n * 8, n * 8)
+    n, h = int(math.sqrt(len(x))), x.shape[-1]
+    img = torch.full((n * (h + 1) + 1, n * (h + 1) + 1), 0.5)  # grey 1-pixel borders
+    for k in range(n * n):
+        r, c = divmod(k, n)
+        img[1 + r * (h + 1) : (r + 1) * (h + 1), 1 + c * (h + 1) : (c + 1) * (h + 1)] = x[k, 0]
     fig = plt.figure(figsize=(4, 4.3))
     plt.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
     plt.axis("off")
