@@ -319,3 +319,13 @@ def test_bad_arguments(model):
         EpsLangevin(prior, vae, step_size=0.1, steps=1)([torch.zeros(4, 8), torch.zeros(4, 3)])
     with pytest.raises(ValueError, match="on_nonfinite"):
         Langevin(lambda x: x[0].sum(1), step_size=0.1, steps=1, on_nonfinite="ignore")
+
+
+def test_temperature_and_base_prior(model):
+    vae, _ = model
+    sampler = EpsLangevin(None, vae, step_size=0.3, steps=5, t=0.5)
+    out = sampler(vae.sample_eps(4))
+    for z, zt in zip(out.z, vae.eps_to_z(out.x, 0.5)):
+        torch.testing.assert_close(z, zt)
+    with pytest.raises(ValueError, match="temperature"):
+        EpsLangevin(None, vae, step_size=0.3, steps=5, t=0.0)
