@@ -50,10 +50,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--two-stage-epochs", type=int, default=100, help="EBM epochs, frozen VAE")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3, help="backbone learning rate")
-    p.add_argument("--ebm-lr", type=float, default=2e-5, help="energy-network learning rate")
-    p.add_argument("--energy-reg", type=float, default=0.1, help="L2 penalty on energies")
+    p.add_argument("--ebm-lr", type=float, default=1e-4, help="energy-network learning rate")
+    p.add_argument("--energy-reg", type=float, default=0.01, help="L2 penalty on energies")
     p.add_argument("--nef", type=int, default=64, help="energy-network width")
-    p.add_argument("--langevin-steps", type=int, default=30, help="prior Langevin steps (train)")
+    p.add_argument("--langevin-steps", type=int, default=50, help="prior Langevin steps (train)")
     p.add_argument("--step-size", type=float, default=0.3, help="Langevin step size s")
     p.add_argument("--eval-langevin-steps", type=int, default=200)
     p.add_argument("--eval-samples", type=int, default=500, help="importance samples K")
@@ -71,10 +71,10 @@ def train_gaussian(vae: HierarchicalVAE, data: torch.Tensor, args: argparse.Name
     for epoch in tqdm(range(args.epochs), desc="Gaussian prior"):
         for x in data[torch.randperm(len(data))].split(args.batch_size):
             loss = -vae.elbo(x).mean()
+            _check_finite(loss, epoch)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        _check_finite(loss, epoch)
 
 
 def train_joint(
@@ -90,12 +90,12 @@ def train_joint(
         for x in data[torch.randperm(len(data))].split(args.batch_size):
             z_neg = sampler(vae.sample_eps(len(x))).z
             out = joint_loss(prior, vae, x, z_neg, reg=args.energy_reg)
+            _check_finite(out.loss, epoch)
             opt.zero_grad()
             opt_e.zero_grad()
             out.loss.backward()
             opt.step()
             opt_e.step()
-        _check_finite(out.loss, epoch)
         bar.set_postfix(elbo=f"{out.elbo:.1f}", f_pos=f"{out.f_pos:.2f}", f_neg=f"{out.f_neg:.2f}")
 
 
@@ -111,10 +111,10 @@ def train_two_stage(
         for x in data[torch.randperm(len(data))].split(args.batch_size):
             z_neg = sampler(vae.sample_eps(len(x))).z
             out = two_stage_loss(prior, vae, x, z_neg, reg=args.energy_reg)
+            _check_finite(out.loss, epoch)
             opt_e.zero_grad()
             out.loss.backward()
             opt_e.step()
-        _check_finite(out.loss, epoch)
         bar.set_postfix(f_pos=f"{out.f_pos:.2f}", f_neg=f"{out.f_neg:.2f}")
 
 
