@@ -102,6 +102,9 @@ class Langevin:
         check_every: Steps between host-side divergence checks.
         trace: Record the log-density and gradient-norm traces.
         progress: Show a tqdm progress bar.
+        autocast: Evaluate the log-density (backbone and energies) under
+            :func:`torch.autocast` with this dtype (``torch.bfloat16`` or ``torch.float16``);
+            the chain state, the update and the MALA test stay in the state's dtype.
         modules: Modules whose parameters are frozen while sampling.
 
     Example:
@@ -124,6 +127,7 @@ class Langevin:
         check_every: int = 50,
         trace: bool = True,
         progress: bool = False,
+        autocast: torch.dtype | None = None,
         modules: Sequence[nn.Module] = (),
     ):
         if not step_size > 0 or not math.isfinite(step_size):
@@ -134,6 +138,10 @@ class Langevin:
             raise ValueError(f"clip_grad must be positive or None, got {clip_grad!r}")
         if on_nonfinite not in ("raise", "reject"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'reject', got {on_nonfinite!r}")
+        if autocast not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"autocast must be None, torch.float16 or torch.bfloat16, got {autocast}"
+            )
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         self._fn = log_density
@@ -146,6 +154,7 @@ class Langevin:
         self.check_every = check_every
         self.trace = trace
         self.progress = progress
+        self.autocast = autocast
         self.modules = tuple(modules)
 
     # -- to override ----------------------------------------------------------------------------
@@ -267,7 +276,11 @@ class Langevin:
     def _value_and_grad(self, x: list[Tensor], free: list[int]) -> tuple[Tensor, list[Tensor]]:
         x = [xi.detach().requires_grad_(i in free) for i, xi in enumerate(x)]
         with torch.enable_grad():
-            logp = self.log_density(x)
+            if self.autocast is None:
+                logp = self.log_density(x)
+            else:
+                with torch.autocast(x[0].device.type, dtype=self.autocast):
+                    logp = self.log_density(x).to(x[0].dtype)
             grad = torch.autograd.grad(logp.sum(), [x[i] for i in free])
         return logp.detach(), [g.detach() for g in grad]
 

@@ -329,3 +329,20 @@ def test_temperature_and_base_prior(model):
         torch.testing.assert_close(z, zt)
     with pytest.raises(ValueError, match="temperature"):
         EpsLangevin(None, vae, step_size=0.3, steps=5, t=0.0)
+
+
+def test_autocast_bfloat16_keeps_state_dtype(model):
+    vae, prior = model
+    eps0 = vae.sample_eps(64, generator=_gen(0))
+
+    def run(autocast):
+        s = EpsLangevin(prior, vae, step_size=0.1, steps=5, generator=_gen(1), autocast=autocast)
+        return s(eps0)
+
+    full, half = run(None), run(torch.bfloat16)
+    assert all(x.dtype == torch.float32 for x in half.x + half.z)
+    for a, b in zip(full.x, half.x):
+        torch.testing.assert_close(b, a, rtol=0, atol=0.05)
+    assert not all(torch.equal(a, b) for a, b in zip(full.x, half.x))
+    with pytest.raises(ValueError, match="autocast"):
+        EpsLangevin(prior, vae, step_size=0.1, steps=1, autocast=torch.float64)
