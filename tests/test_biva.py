@@ -1,5 +1,6 @@
 """The BIVA adapter against the real biva-pytorch (VAE, LVAE and BIVA variants)."""
 
+import doctest
 import json
 import os
 import pickle
@@ -293,3 +294,11 @@ def test_from_logdir_unknown_dataset(tmp_path):
         BIVABackbone.from_logdir(tmp_path)
     bb = BIVABackbone.from_logdir(tmp_path, likelihood="bernoulli")
     assert bb.latent_shapes == ((3,), (2, 4, 4))
+
+
+def test_docstring_example():
+    import adapters.biva
+
+    torch.manual_seed(0)
+    result = doctest.testmod(adapters.biva, extraglobs={"torch": torch})
+    assert result.attempted >= 5 and result.failed == 0
