@@ -2,6 +2,7 @@ r"""A joint latent-space energy-based prior for hierarchical VAEs."""
 
 from ._version import __version__
 from .backbone import Backbone, Posterior
+from .hub import IncompatiblePriorError, PriorFileError, check_compatible, load_prior, push_prior
 from .likelihood import LogPartition, log_likelihood_bound, log_partition
 from .objectives import (
     EBMLoss,
@@ -29,14 +30,19 @@ __all__ = [
     "EBMLoss",
     "JointLoss",
     "LogPartition",
+    "PriorFileError",
     "PriorLoss",
     "backbone_prior_loss",
+    "check_compatible",
     "ebm_loss",
     "joint_loss",
+    "load_prior",
     "log_likelihood_bound",
     "log_partition",
+    "push_prior",
     "two_stage_loss",
     "EpsLangevin",
+    "IncompatiblePriorError",
     "HierarchicalVAE",
     "JointEBMPrior",
     "Langevin",

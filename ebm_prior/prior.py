@@ -4,14 +4,20 @@ from __future__ import annotations
 
 __all__ = ["ConvEnergy", "JointEBMPrior", "MLPEnergy"]
 
+import inspect
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from torch import Tensor
 
+from . import hub
 from ._utils import Shape, check_latents, module_device, normalize_shapes
 from ._version import __version__
 
@@ -176,6 +182,98 @@ class JointEBMPrior(
         self.check(z)
         return self._energies(z).sum(dim=1)
 
+    @property
+    def config(self) -> dict[str, Any]:
+        r"""Everything needed to rebuild the prior (written to ``config.json``)."""
+
+        return {
+            "latent_shapes": [list(s) for s in self.latent_shapes],
+            "nef": list(self.nef),
+            "num_layers": list(self.num_layers),
+            "channels": list(self.channels),
+            "slope": self.slope,
+            "sampler_config": self.sampler_config,
+            "backbone": self.backbone,
+            "library_version": __version__,
+            "schema_version": hub.SCHEMA_VERSION,
+        }
+
+    # -- Hub mixin hooks (see ebm_prior.hub) ----------------------------------------------------
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        hub.write_pretrained(self, Path(save_directory))
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        return ModelCard(hub.model_card(self, **kwargs))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        **model_kwargs,
+    ) -> JointEBMPrior:
+        r"""Loads a prior saved by :meth:`save_pretrained` from a folder or a Hub repo id.
+
+        Only ``model.safetensors`` is ever read (never a pickle); its SHA-256 is checked
+        against ``config.json``, and older config schemas are migrated
+        (:func:`ebm_prior.hub.migrate_config`). ``strict`` defaults to ``True`` and
+        ``map_location`` to ``"cpu"``. To check the prior against a backbone, use
+        :func:`ebm_prior.hub.load_prior`.
+        """
+
+        hub_kwargs = dict(
+            revision=revision, cache_dir=cache_dir, force_download=force_download,
+            token=token, local_files_only=local_files_only,
+        )  # fmt: skip
+        path = _resolve(str(pretrained_model_name_or_path), hub.CONFIG_NAME, hub_kwargs)
+        with open(path, encoding="utf-8") as f:
+            config = hub.migrate_config(json.load(f))
+        params = inspect.signature(cls.__init__).parameters
+        for key, value in config.items():
+            if key in params and key != "library_version":
+                model_kwargs.setdefault(key, value)
+        model_kwargs.setdefault("library_version", config["library_version"])
+        model_kwargs["weights_sha256"] = config.get("weights_sha256")
+        model_kwargs.setdefault("strict", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **hub_kwargs, **model_kwargs)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str | torch.device = "cpu",
+        strict: bool = True,
+        weights_sha256: str | None = None,
+        **model_kwargs,
+    ) -> JointEBMPrior:
+        hub_kwargs = dict(
+            revision=revision, cache_dir=cache_dir, force_download=force_download,
+            token=token, local_files_only=local_files_only,
+        )  # fmt: skip
+        path = _resolve(model_id, hub.WEIGHTS_NAME, hub_kwargs)
+        try:
+            state = hub.read_weights(path, weights_sha256)
+        except hub.PriorFileError:
+            if not os.path.isdir(model_id):  # drop the bad download from the cache
+                Path(os.path.realpath(path)).unlink(missing_ok=True)
+                Path(path).unlink(missing_ok=True)
+            raise
+        model = cls(**model_kwargs)
+        model.load_state_dict(state, strict=strict)
+        return model.to(map_location)
+
     def _energies(self, z: Sequence[Tensor]) -> Tensor:
         return torch.stack([net(zi) for net, zi in zip(self.nets, z)], dim=1)
 
@@ -184,3 +282,23 @@ class JointEBMPrior(
         for net, zi in zip(self.nets[1:], z[1:]):
             out = out + net(zi)
         return out
+
+
+def _resolve(model_id: str, filename: str, hub_kwargs: dict) -> str:
+    r"""Returns the local path of ``filename`` in a folder or a Hub repository."""
+
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, filename)
+        if not os.path.isfile(path):
+            raise hub.PriorFileError(f"no {filename} in {model_id}: not a saved ebm-prior")
+        return path
+    try:
+        return hf_hub_download(repo_id=model_id, filename=filename, **hub_kwargs)
+    except EntryNotFoundError as e:
+        if isinstance(e, LocalEntryNotFoundError):  # offline or unreachable: not our call
+            raise
+        rev = hub_kwargs.get("revision") or "main"
+        raise hub.PriorFileError(
+            f"{model_id}@{rev} has no {filename}: not an ebm-prior repository "
+            "(ebm-prior reads only config.json and model.safetensors, never pickles)"
+        ) from e

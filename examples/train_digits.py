@@ -18,6 +18,7 @@ import copy
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -61,6 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/digits", help="output directory for the figures")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--push-to-hub", metavar="REPO", help="push prior B (two-stage) to the Hub")
     return p.parse_args(argv)
 
 
@@ -118,6 +120,31 @@ def train_two_stage(
         bar.set_postfix(f_pos=f"{out.f_pos:.2f}", f_neg=f"{out.f_neg:.2f}")
 
 
+def save_backbone(vae: HierarchicalVAE, path: str) -> str:
+    r"""Saves the VAE's weights as safetensors (atomically); returns the file's SHA-256."""
+
+    from safetensors.torch import save_file
+
+    from ebm_prior.hub import atomic_write, file_sha256
+
+    state = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    atomic_write(Path(path), lambda tmp: save_file(state, tmp))
+    return file_sha256(path)
+
+
+def load_backbone(path: str) -> HierarchicalVAE:
+    r"""Loads a digits VAE saved by :func:`save_backbone`, with its checkpoint hash set."""
+
+    from safetensors.torch import load_file
+
+    from ebm_prior.hub import file_sha256
+
+    vae = HierarchicalVAE.from_config("digits")
+    vae.load_state_dict(load_file(path), strict=True)
+    vae.checkpoint_hash = file_sha256(path)
+    return vae.eval()
+
+
 def _check_finite(loss: torch.Tensor, epoch: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training diverged: non-finite loss at epoch {epoch}")
@@ -142,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     gauss = copy.deepcopy(base)
     train_gaussian(gauss, train, args)
     gauss.eval()
+    os.makedirs(args.out, exist_ok=True)
+    gauss.checkpoint_hash = save_backbone(gauss, os.path.join(args.out, "vae_A.safetensors"))
 
     def new_prior(vae):
         return JointEBMPrior(
@@ -183,8 +212,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
         z = f"{lz.value:.3f} +- {lz.std_error:.3f}" if lz is not None else "-"
         print(f"| {name:<30} | {r['elbo']:>9.2f} | {r['iw']:>18.2f} | {z:>15} |")
 
+    two_stage.save_pretrained(os.path.join(args.out, "prior_B"))
+    if args.push_to_hub:
+        from ebm_prior import push_prior
+
+        metrics = {
+            "test_log_likelihood_bound_nats": round(rows["B  A + two-stage EBM prior"][0]["iw"], 3)
+        }
+        url = push_prior(
+            two_stage,
+            args.push_to_hub,
+            backbone=gauss,
+            metrics=metrics,
+            datasets=["sklearn-digits"],
+        )
+        print(f"pushed prior B to {url}")
     if not args.no_figures:
-        os.makedirs(args.out, exist_ok=True)
         figures(gauss, two_stage, joint_vae, joint, args, test)
         print(f"figures written to {args.out}/")
     return {"rows": {name: r for name, (r, _) in rows.items()}, "log_z": (z_two, z_joint)}
