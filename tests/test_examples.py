@@ -2,6 +2,7 @@
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,9 +39,21 @@ def readme_snippets():
 
 
 @pytest.mark.parametrize("i", range(len(readme_snippets())))
-def test_readme_snippet(i, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    exec(compile(readme_snippets()[i], f"README.md[python {i}]", "exec"), {})
+def test_readme_snippet(i, tmp_path):
+    """Each snippet runs in a fresh interpreter, against a local Hub-compatible server."""
+
+    from hub_server import HubServer
+
+    script = tmp_path / "snippet.py"
+    script.write_text(readme_snippets()[i])
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    with HubServer() as hub:
+        env = {**base, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+        out = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
 
 
 def test_readme_opens_with_the_two_commands():
