@@ -50,9 +50,10 @@ class LangevinResult(NamedTuple):
         x: Final chain state, one tensor per group (eps for :class:`EpsLangevin`).
         z: :math:`T_b(\epsilon)` for :class:`EpsLangevin`, else the same as ``x``.
         acceptance: Per-chain acceptance rate with shape :math:`(B,)` (MALA), else ``None``.
-        log_density: Trace of :math:`\log \pi` after every step, shape :math:`(S, B)`
-            (empty when ``trace=False``).
-        grad_norm: Trace of :math:`\|\nabla \log \pi\|` after every step, shape :math:`(S, B)`.
+        log_density: Trace of :math:`\log \pi` at the state entering every step,
+            shape :math:`(S, B)` (empty when ``trace=False``).
+        grad_norm: Trace of :math:`\|\nabla \log \pi\|` at the same states, shape
+            :math:`(S, B)`.
         rejected_nonfinite: Per-chain count of proposals rejected for being non-finite
             (``on_nonfinite="reject"``), shape :math:`(B,)`.
     """
@@ -205,7 +206,6 @@ class Langevin:
             raise ValueError("all groups are fixed: nothing to sample")
 
         batch, device, dtype = x[0].shape[0], x[0].device, x[0].dtype
-        s = self.step_size
         steps = self.steps
         zeros = torch.zeros(batch, device=device, dtype=torch.long)
         log_trace = torch.empty((steps if self.trace else 0, batch), device=device, dtype=dtype)
@@ -215,54 +215,18 @@ class Langevin:
         first_bad = torch.full_like(zeros, -2)  # -2: never diverged
 
         with frozen(*self.modules):
-            logp, grad = self._value_and_grad(x, free)
-            norm = _norm(grad)
-            bad = ~torch.isfinite(logp) | ~torch.isfinite(norm)
-            if bool(bad.any()):
-                raise LangevinDivergenceError(-1, bad.nonzero().flatten().tolist())
-            drift = self._drift(grad, norm)
-            # ULA that raises on divergence accepts every proposal: no selection needed
-            select = self.mala or self.on_nonfinite == "reject"
-
-            for k in tqdm(range(steps), disable=not self.progress, desc="Langevin", leave=False):
-                noise = [self._randn(x[i]) for i in free]
-                prop = list(x)
-                for j, i in enumerate(free):
-                    prop[i] = x[i] + drift[j] + s * noise[j]
-                logp_p, grad_p = self._value_and_grad(prop, free)
-                norm_p = _norm(grad_p)
-                drift_p = self._drift(grad_p, norm_p)
-                bad = ~torch.isfinite(logp_p) | ~torch.isfinite(norm_p)
-                first_bad = torch.where(bad & (first_bad == -2), k, first_bad)
-                if select:
-                    ok = ~bad
-                    if self.mala:
-                        log_q_fwd = -0.5 * sum(flat_sum(e**2) for e in noise)
-                        log_q_bwd = -sum(
-                            flat_sum((x[i] - prop[i] - drift_p[j]) ** 2)
-                            for j, i in enumerate(free)
-                        ) / (2 * s**2)
-                        log_alpha = logp_p - logp + log_q_bwd - log_q_fwd
-                        u = torch.rand(batch, generator=self.generator, device=device, dtype=dtype)
-                        ok = ok & (u.log() < torch.nan_to_num(log_alpha, nan=-math.inf))
-                    accepted += ok.to(dtype)
-                    rejected += bad.long()
-                    x = [_where(ok, p, c) for p, c in zip(prop, x)]
-                    logp = torch.where(ok, logp_p, logp)
-                    norm = torch.where(ok, norm_p, norm)
-                    drift = [_where(ok, dp, d) for dp, d in zip(drift_p, drift)]
-                else:
-                    x, logp, norm, drift = prop, logp_p, norm_p, drift_p
-                if self.trace:
-                    log_trace[k] = logp
-                    norm_trace[k] = norm
-                if self.on_nonfinite == "raise" and ((k + 1) % self.check_every == 0):
-                    self._check(first_bad)
-            if self.on_nonfinite == "raise":
-                self._check(first_bad)
-
+            if self.mala or self.on_nonfinite == "reject":
+                x, accepted, rejected, first_bad = self._run_selecting(
+                    x, free, log_trace, norm_trace, accepted, rejected, first_bad
+                )
+            else:
+                x, first_bad = self._run_ula(x, free, log_trace, norm_trace, first_bad)
             with torch.no_grad():
                 z = [zi.detach() for zi in self.transform(x)]
+            if self.on_nonfinite == "raise":
+                last = ~torch.stack([_finite(t) for t in (*x, *z)]).all(0)
+                first_bad = torch.where(last & (first_bad == -2), steps - 1, first_bad)
+                self._check(first_bad)
 
         return LangevinResult(
             x=x,
@@ -272,6 +236,93 @@ class Langevin:
             grad_norm=norm_trace,
             rejected_nonfinite=rejected,
         )
+
+    def _run_ula(self, x, free, log_trace, norm_trace, first_bad):
+        r"""ULA that raises on divergence: one evaluation per step, at the current state, and
+        an in-place update.
+
+        The log-density of every step goes to a small ring buffer on the device, scanned every
+        ``check_every`` steps; a non-finite value at the state entering step ``k`` is reported
+        as step ``k - 1`` (the step that produced it; -1 is the initial state). Gradient norms
+        are computed only when traced or clipped (and then checked too); otherwise a
+        non-finite gradient shows up one step later, as a non-finite log-density or state.
+        """
+
+        s, c = self.step_size, 0.5 * self.step_size**2
+        need_norm = self.trace or self.clip_grad is not None
+        ring = torch.empty((self.check_every, x[0].shape[0]), device=x[0].device)
+        x = list(x)
+        bar = tqdm(range(self.steps), disable=not self.progress, desc="Langevin", leave=False)
+        for k in bar:
+            logp, grad = self._value_and_grad(x, free)
+            if need_norm:
+                norm = _norm(grad)
+                ring[k % self.check_every] = logp + norm
+                if self.trace:
+                    log_trace[k] = logp
+                    norm_trace[k] = norm
+                grad = self._drift(grad, norm) if self.clip_grad is not None else grad
+                cj = 1.0 if self.clip_grad is not None else c
+            else:
+                ring[k % self.check_every] = logp
+                cj = c
+            for j, i in enumerate(free):
+                x[i].add_(grad[j], alpha=cj).add_(self._randn(x[i]), alpha=s)
+            if (k + 1) % self.check_every == 0 or k + 1 == self.steps:
+                n = k % self.check_every + 1
+                bad = ~torch.isfinite(ring[:n])
+                if bool(bad.any()):
+                    chains = bad.any(0)
+                    step = (k + 1 - n) + bad.int().argmax(0) - 1
+                    first_bad = torch.where(chains & (first_bad == -2), step, first_bad)
+                    self._check(first_bad)
+        return x, first_bad
+
+    def _run_selecting(self, x, free, log_trace, norm_trace, accepted, rejected, first_bad):
+        r"""MALA, or ULA with ``on_nonfinite="reject"``: every proposal is evaluated before it
+        is accepted, and the evaluation is cached for the next step."""
+
+        s, batch = self.step_size, x[0].shape[0]
+        logp, grad = self._value_and_grad(x, free)
+        norm = _norm(grad)
+        bad = ~torch.isfinite(logp) | ~torch.isfinite(norm)
+        if bool(bad.any()):
+            raise LangevinDivergenceError(-1, bad.nonzero().flatten().tolist())
+        drift = self._drift(grad, norm)
+        bar = tqdm(range(self.steps), disable=not self.progress, desc="Langevin", leave=False)
+        for k in bar:
+            if self.trace:
+                log_trace[k] = logp
+                norm_trace[k] = norm
+            noise = [self._randn(x[i]) for i in free]
+            prop = list(x)
+            for j, i in enumerate(free):
+                prop[i] = x[i] + drift[j] + s * noise[j]
+            logp_p, grad_p = self._value_and_grad(prop, free)
+            norm_p = _norm(grad_p)
+            drift_p = self._drift(grad_p, norm_p)
+            bad = ~torch.isfinite(logp_p) | ~torch.isfinite(norm_p)
+            first_bad = torch.where(bad & (first_bad == -2), k, first_bad)
+            ok = ~bad
+            if self.mala:
+                log_q_fwd = -0.5 * sum(flat_sum(e**2) for e in noise)
+                log_q_bwd = -sum(
+                    flat_sum((x[i] - prop[i] - drift_p[j]) ** 2) for j, i in enumerate(free)
+                ) / (2 * s**2)
+                log_alpha = logp_p - logp + log_q_bwd - log_q_fwd
+                u = torch.rand(
+                    batch, generator=self.generator, device=logp.device, dtype=logp.dtype
+                )
+                ok = ok & (u.log() < torch.nan_to_num(log_alpha, nan=-math.inf))
+            accepted += ok.to(accepted.dtype)
+            rejected += bad.long()
+            x = [_where(ok, p, c) for p, c in zip(prop, x)]
+            logp = torch.where(ok, logp_p, logp)
+            norm = torch.where(ok, norm_p, norm)
+            drift = [_where(ok, dp, d) for dp, d in zip(drift_p, drift)]
+            if self.on_nonfinite == "raise" and (k + 1) % self.check_every == 0:
+                self._check(first_bad)
+        return x, accepted, rejected, first_bad
 
     def _value_and_grad(self, x: list[Tensor], free: list[int]) -> tuple[Tensor, list[Tensor]]:
         x = [xi.detach().requires_grad_(i in free) for i, xi in enumerate(x)]
@@ -284,7 +335,7 @@ class Langevin:
             grad = torch.autograd.grad(logp.sum(), [x[i] for i in free])
         return logp.detach(), [g.detach() for g in grad]
 
-    def _drift(self, grad: list[Tensor], norm: Tensor) -> list[Tensor]:
+    def _drift(self, grad: list[Tensor], norm: Tensor | None) -> list[Tensor]:
         c = 0.5 * self.step_size**2
         if self.clip_grad is not None:
             scale = (self.clip_grad / norm.clamp_min(1e-12)).clamp(max=1.0)
@@ -309,6 +360,10 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 
 def _where(cond: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(_bcast(cond, a), a, b)
+
+
+def _finite(x: Tensor) -> Tensor:
+    return torch.isfinite(x).flatten(1).all(1)
 
 
 def _norm(grad: list[Tensor]) -> Tensor:
