@@ -22,25 +22,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from train_digits import fit_two_stage, load_digits_binary
 
 from ebm_prior import (
     Backbone,
     EpsLangevin,
     HierarchicalVAE,
     JointEBMPrior,
-    two_stage_loss,
 )
-
-
-def load_digits_binary(seed: int = 0) -> tuple[Tensor, Tensor]:
-    r"""Returns binarised 8x8 digits (pixel >= 8 of 16), split 1500/297, shape (N, 1, 8, 8)."""
-
-    from sklearn.datasets import load_digits
-
-    x = torch.tensor(load_digits().images >= 8, dtype=torch.float32).unsqueeze(1)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x = x[perm]
-    return x[:1500], x[1500:]
 
 
 def tiny_biva(x: Tensor, family: str = "biva", filters: int = 16):
@@ -88,38 +77,6 @@ def train_backbone(
             opt.step()
         print(f"backbone epoch {epoch + 1}/{epochs}: ELBO {-loss.item():.2f} nats")
     backbone.eval()
-
-
-def fit_two_stage(
-    prior: JointEBMPrior,
-    backbone: Backbone,
-    data: Tensor,
-    epochs: int,
-    batch_size: int = 100,
-    lr: float = 2e-5,
-    reg: float = 0.1,
-    step_size: float = 0.3,
-    steps: int = 30,
-) -> None:
-    r"""Fits the EBM prior on a frozen backbone (supplement 1.2, two-stage).
-
-    Negatives: ``steps`` of epsilon-space Langevin from :math:`\mathcal{N}(0, I)`; positives:
-    the backbone's posterior; loss :func:`ebm_prior.two_stage_loss`.
-    """
-
-    backbone.eval().requires_grad_(False)
-    opt = torch.optim.Adam(prior.parameters(), lr=lr, betas=(0.5, 0.999))
-    sampler = EpsLangevin(prior, backbone, step_size=step_size, steps=steps)
-    for epoch in range(epochs):
-        for x in data[torch.randperm(len(data))].split(batch_size):
-            z_neg = sampler(backbone.sample_eps(len(x))).z
-            out = two_stage_loss(prior, backbone, x, z_neg, reg=reg)
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"EBM training diverged at epoch {epoch}")
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-        print(f"EBM epoch {epoch + 1}/{epochs}: f(z+) {out.f_pos:.3f}, f(z-) {out.f_neg:.3f}")
 
 
 def hierarchical_reconstructions(

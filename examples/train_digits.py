@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ebm_prior import (
+    Backbone,
     EpsLangevin,
     HierarchicalVAE,
     JointEBMPrior,
@@ -101,18 +102,31 @@ def train_joint(
         bar.set_postfix(elbo=f"{out.elbo:.1f}", f_pos=f"{out.f_pos:.2f}", f_neg=f"{out.f_neg:.2f}")
 
 
-def train_two_stage(
-    vae: HierarchicalVAE, prior: JointEBMPrior, data: torch.Tensor, args: argparse.Namespace
+def fit_two_stage(
+    prior: JointEBMPrior,
+    backbone: Backbone,
+    data: torch.Tensor,
+    epochs: int,
+    batch_size: int = 100,
+    lr: float = 1e-4,
+    reg: float = 0.01,
+    step_size: float = 0.3,
+    steps: int = 50,
 ) -> None:
-    r"""Fits the EBM prior on a frozen backbone (positives from its posterior)."""
+    r"""Fits the EBM prior on a frozen backbone (supplement 1.2, two-stage), any backbone.
 
-    opt_e = torch.optim.Adam(prior.parameters(), lr=args.ebm_lr, betas=(0.5, 0.999))
-    sampler = EpsLangevin(prior, vae, step_size=args.step_size, steps=args.langevin_steps)
-    bar = tqdm(range(args.two_stage_epochs), desc="two-stage EBM prior")
+    Negatives: ``steps`` of eps-space Langevin from :math:`\mathcal{N}(0, I)`; positives: the
+    backbone's posterior; loss :func:`ebm_prior.two_stage_loss` with energy penalty ``reg``.
+    """
+
+    backbone.eval().requires_grad_(False)
+    opt_e = torch.optim.Adam(prior.parameters(), lr=lr, betas=(0.5, 0.999))
+    sampler = EpsLangevin(prior, backbone, step_size=step_size, steps=steps)
+    bar = tqdm(range(epochs), desc="two-stage EBM prior")
     for epoch in bar:
-        for x in data[torch.randperm(len(data))].split(args.batch_size):
-            z_neg = sampler(vae.sample_eps(len(x))).z
-            out = two_stage_loss(prior, vae, x, z_neg, reg=args.energy_reg)
+        for x in data[torch.randperm(len(data))].split(batch_size):
+            z_neg = sampler(backbone.sample_eps(len(x))).z
+            out = two_stage_loss(prior, backbone, x, z_neg, reg=reg)
             _check_finite(out.loss, epoch)
             opt_e.zero_grad()
             out.loss.backward()
@@ -182,7 +196,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     two_stage = new_prior(gauss)
-    train_two_stage(gauss, two_stage, train, args)
+    fit_two_stage(
+        two_stage, gauss, train, args.two_stage_epochs, args.batch_size, args.ebm_lr,
+        args.energy_reg, args.step_size, args.langevin_steps,
+    )  # fmt: skip
 
     torch.manual_seed(args.seed)
     joint_vae = copy.deepcopy(base)
