@@ -96,6 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=36)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/biva", help="output directory")
+    p.add_argument("--push-to-hub", metavar="REPO", help="push the fitted prior to the Hub")
     return p.parse_args(argv)
 
 
@@ -135,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     prior.eval().requires_grad_(False)
     prior_dir = os.path.join(args.out, "ebm-prior")
     prior.save_pretrained(prior_dir)
+    if args.push_to_hub:
+        from ebm_prior import push_prior
+
+        print(f"pushed to {push_prior(prior, args.push_to_hub, backbone=backbone)}")
 
     gen = torch.Generator().manual_seed(args.seed)
     eps0 = backbone.sample_eps(args.samples, generator=gen)
