@@ -186,10 +186,11 @@ def hierarchical_bound(
         if k == 0:
             z = list(post.z)
         else:
-            fill = backbone.sample_eps(batch, device=post.z[0].device, dtype=post.z[0].dtype)
-            eps = backbone.z_to_eps([*post.z, *[torch.zeros_like(e) for e in fill[top:]]])
+            ref = post.z[0]
+            zeros = [ref.new_zeros((batch, *s)) for s in backbone.latent_shapes[top:]]
+            eps = backbone.z_to_eps([*post.z, *zeros])  # triangular: zeros do not reach the top
             if lower == "mode":
-                lower_eps = [torch.zeros_like(e) for e in fill[top:]]
+                lower_eps = zeros
             else:
                 lower_eps = backbone.sample_eps(
                     batch, generator, post.z[0].device, post.z[0].dtype
