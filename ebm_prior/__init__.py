@@ -13,6 +13,18 @@ from .objectives import (
     joint_loss,
     two_stage_loss,
 )
+from .ood import (
+    GroupwiseBackbone,
+    OODMetrics,
+    OODScore,
+    auprc,
+    auroc,
+    fpr_at_tpr,
+    hierarchical_bound,
+    joint_score,
+    llr_score,
+    ood_metrics,
+)
 from .prior import ConvEnergy, JointEBMPrior, MLPEnergy
 from .reference import CONFIGS, HierarchicalVAE
 from .sample import (
@@ -24,6 +36,16 @@ from .sample import (
 )
 
 __all__ = [
+    "ood_metrics",
+    "llr_score",
+    "joint_score",
+    "hierarchical_bound",
+    "fpr_at_tpr",
+    "auroc",
+    "auprc",
+    "OODScore",
+    "OODMetrics",
+    "GroupwiseBackbone",
     "CONFIGS",
     "Backbone",
     "ConvEnergy",
