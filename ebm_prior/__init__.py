@@ -34,6 +34,7 @@ from .sample import (
     LangevinResult,
     PosteriorLangevin,
 )
+from .trainer import TrainingDivergenceError, TwoStageTrainer
 
 __all__ = [
     "ood_metrics",
@@ -73,5 +74,7 @@ __all__ = [
     "MLPEnergy",
     "Posterior",
     "PosteriorLangevin",
+    "TrainingDivergenceError",
+    "TwoStageTrainer",
     "__version__",
 ]
