@@ -556,10 +556,22 @@ class NVAEBackbone(Backbone):
         try:
             for _ in tqdm(range(iters), desc="re-estimating BN statistics", disable=not progress):
                 eps = self.sample_eps(batch_size, generator=generator)
-                write = lambda i, dist: dist.sample_given_eps(eps[i])  # noqa: E731
+                write = lambda i, dist, eps=eps: dist.sample_given_eps(eps[i])  # noqa: E731
                 self._post_process(self._top_down(write, len(eps), t, batch_size, full=True)[1])
         finally:
             self.nvae.eval()
+
+    def prior_parameters(self) -> Iterator[nn.Parameter]:
+        r"""The parameters :math:`b` that only the prior uses: the ``dec_sampler`` cells that
+        map the decoder state to each lower group's :math:`(\mu, \log \sigma)`.
+
+        ``prior_ftr0`` and the ``dec_tower`` cells also shape :math:`p(x \mid z)`, so they are
+        not included. NVAE's posterior is residual on these parameters
+        (:math:`q = \mathcal{N}(\mu_p + \Delta\mu, \sigma_p \Delta\sigma)`), so fine-tuning
+        them (``TwoStageTrainer(backbone_prior_params=...)``) moves :math:`q` as well.
+        """
+
+        return self.nvae.dec_sampler.parameters()
 
     # -- internals -----------------------------------------------------------------------------
 

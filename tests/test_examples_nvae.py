@@ -1,0 +1,172 @@
+"""examples/finetune_nvae.py and examples/sample_nvae.py on a tiny NVAE checkpoint, on CPU.
+
+The NVAE parts are opt-in (NVAE_ROOT names a clone of NVlabs/NVAE); the image loading they
+share runs always.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from _images import fit_to, load_images, save_npz  # noqa: E402
+
+NEEDS_NVAE = pytest.mark.skipif(
+    not os.environ.get("NVAE_ROOT"),
+    reason="NVAE_ROOT is not set: point it at a clone of NVlabs/NVAE to run these tests",
+)
+
+
+# -- image sources (no NVAE needed) -------------------------------------------------------------
+
+
+def test_npz_and_folder_sources_agree(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", x=arr)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(arr):
+        Image.fromarray(a).save(folder / f"{i:02d}.png")
+    from_npz = load_images(str(tmp_path / "x.npz"), limit=4)
+    from_folder = load_images(str(folder), limit=4)
+    assert from_npz.shape == (4, 1, 28, 28)
+    torch.testing.assert_close(from_npz, from_folder)
+    torch.testing.assert_close(from_npz[0, 0], torch.from_numpy(arr[0]).float() / 255)
+
+
+def test_fit_to_pads_and_binarises_mnist_like_nvae():
+    x = torch.full((3, 1, 28, 28), 0.5)
+    y = fit_to(x, (1, 32, 32), seed=1)
+    assert y.shape == (3, 1, 32, 32)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    assert y[:, :, :2].abs().sum() == 0 and y[:, :, :, -2:].abs().sum() == 0  # zero border
+    assert torch.equal(y, fit_to(x, (1, 32, 32), seed=1))  # a fixed draw
+    rgb = fit_to(torch.rand(2, 1, 28, 28), (3, 16, 16))
+    assert rgb.shape == (2, 3, 16, 16) and 0 <= rgb.min() and rgb.max() <= 1
+    with pytest.raises(ValueError, match="images have 2 channels, the model expects 3"):
+        fit_to(torch.rand(1, 2, 8, 8), (3, 8, 8))
+
+
+def test_save_npz_is_uint8(tmp_path):
+    save_npz(str(tmp_path / "s.npz"), torch.tensor([[[[0.0, 0.5, 1.0]]]]))
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["x"].dtype == np.uint8 and f["x"].tolist() == [[[[0, 128, 255]]]]
+
+
+# -- the examples on a tiny NVAE -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    if not os.environ.get("NVAE_ROOT"):
+        pytest.skip("NVAE_ROOT is not set")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_nvae import tiny, write_train_py_checkpoint
+
+    d = tmp_path_factory.mktemp("nvae")
+    backbone, args = tiny("mnist-2scales-ada-nf")
+    write_train_py_checkpoint(d / "checkpoint.pt", backbone, args)
+    x = (np.random.default_rng(0).random((24, 28, 28)) > 0.5).astype(np.uint8) * 255
+    np.savez(d / "train.npz", x=x)
+    return d
+
+
+def _argv(d: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--checkpoint", str(d / "checkpoint.pt"), "--data", str(d / "train.npz"),
+        "--out", str(out), "--steps", str(steps), "--batch-size", "8", "--chunk-size", "4",
+        "--langevin-steps", "3", "--test-langevin-steps", "2", "--nef", "16", "--channels", "8",
+        "--num-samples", "4", "--checkpoint-every", "1", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "ebm-prior" / "model.safetensors")
+
+
+@NEEDS_NVAE
+def test_finetune_resumes_exactly_and_samples(tiny_checkpoint, tmp_path):
+    import finetune_nvae
+    import sample_nvae
+
+    d = tiny_checkpoint
+    straight = finetune_nvae.main(_argv(d, tmp_path / "a", 2))
+    assert [h["step"] for h in straight["history"]] == [1, 2]
+    finetune_nvae.main(_argv(d, tmp_path / "b", 1))  # "interrupted" after 1 step
+    resumed = finetune_nvae.main(_argv(d, tmp_path / "b", 2))  # the same command, longer
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    with np.load(tmp_path / "a" / "samples.npz") as f:
+        assert f["x"].shape == (4, 1, 32, 32) and f["x"].dtype == np.uint8
+    assert (tmp_path / "a" / "samples.png").exists()
+
+    x = sample_nvae.main(
+        ["--checkpoint", str(d / "checkpoint.pt"), "--prior", str(tmp_path / "a" / "ebm-prior"),
+         "--num-samples", "3", "--steps", "2", "--transitions", "2", "--out", str(tmp_path / "s")]
+    )  # fmt: skip
+    assert x.shape == (3, 1, 32, 32) and 0 <= x.min() and x.max() <= 1
+    assert (tmp_path / "s" / "transitions.png").exists()
+
+
+@NEEDS_NVAE
+def test_joint_prior_writes_the_changed_nvae_and_binds_the_prior(tiny_checkpoint, tmp_path):
+    import finetune_nvae
+    import sample_nvae
+
+    from ebm_prior import IncompatiblePriorError
+    from ebm_prior.hub import file_sha256
+
+    d = tiny_checkpoint
+    out = finetune_nvae.main(_argv(d, tmp_path, 1, "--joint-prior", "--prior-lr", "1e-2"))
+    changed = tmp_path / "nvae" / "checkpoint.pt"
+    assert out["prior"].backbone["checkpoint_hash"] == file_sha256(changed)
+    from adapters.nvae import load_checkpoint
+
+    before = load_checkpoint(d / "checkpoint.pt")["state_dict"]
+    after = load_checkpoint(changed)["state_dict"]
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("dec_sampler.") for k in moved)
+    base = ["--prior", str(tmp_path / "ebm-prior"), "--num-samples", "2", "--steps", "1"]
+    sample_nvae.main(["--checkpoint", str(changed), *base, "--out", str(tmp_path / "s")])
+    with pytest.raises(IncompatiblePriorError, match="trained on checkpoint"):
+        sample_nvae.main(["--checkpoint", str(d / "checkpoint.pt"), *base])
+
+
+@NEEDS_NVAE
+def test_torchrun_two_processes_match_one(tiny_checkpoint, tmp_path):
+    script = str(ROOT / "examples" / "finetune_nvae.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, script, *_argv(tiny_checkpoint, tmp_path / "one", 2)]
+    two = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        script, *_argv(tiny_checkpoint, tmp_path / "two", 2),
+    ]  # fmt: skip
+    for cmd in (one, two):
+        subprocess.run(cmd, check=True, env=env, timeout=600, cwd=tmp_path)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+@NEEDS_NVAE
+def test_finetune_benchmark_runs_tiny(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import nvae_finetune
+
+    rows = nvae_finetune.main(["--size", "tiny", "--batch", "2", "--langevin-steps", "2",
+                               "--repeats", "1"])  # fmt: skip
+    assert rows[0]["trainer"] > 0 and rows[0]["floor"] > 0
+    assert "| trainer / floor |" in capsys.readouterr().out
