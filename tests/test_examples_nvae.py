@@ -183,3 +183,30 @@ def test_finetune_reports_fid(tiny_checkpoint, tmp_path):
     out = finetune_nvae.main(_argv(tiny_checkpoint, tmp_path, 1, "--fid-samples", "6"))
     assert set(out["metrics"]) == {"fid_nvae_prior", "fid_ebm_prior"}
     assert all(v > 0 and np.isfinite(v) for v in out["metrics"].values())
+
+
+@NEEDS_NVAE
+def test_push_to_hub_then_sample_from_the_hub(tiny_checkpoint, tmp_path):
+    from hub_server import HubServer
+
+    d = tiny_checkpoint
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    with HubServer() as hub:
+        env = {**base, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "s", "OMP_NUM_THREADS": "1"}  # fmt: skip
+        push = _argv(d, tmp_path / "run", 1, "--push-to-hub", "you/tiny-nvae-prior")
+        pull = ["--checkpoint", str(d / "checkpoint.pt"), "--prior", "you/tiny-nvae-prior",
+                "--num-samples", "2", "--steps", "1", "--out", str(tmp_path / "s")]  # fmt: skip
+        stdout = []
+        for script, argv in (("finetune_nvae.py", push), ("sample_nvae.py", pull)):
+            out = subprocess.run(
+                [sys.executable, str(ROOT / "examples" / script), *argv], env=env,
+                capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr[-3000:]
+            stdout.append(out.stdout)
+        assert "pushed to" in stdout[0]
+        assert any(r[1].startswith("/api/models/you/tiny-nvae-prior/commit") for r in
+                   hub.state.requests)  # fmt: skip
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["x"].shape == (2, 1, 32, 32)
