@@ -68,7 +68,6 @@ __all__ = [
 
 import argparse
 import contextlib
-import hashlib
 import io
 import os
 import subprocess
@@ -85,6 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ebm_prior import Backbone, Posterior
+from ebm_prior.hub import atomic_write, file_sha256
 
 #: NVAE's top-level modules, imported from the clone and then hidden again
 _MODULES = ("model", "utils", "distributions", "neural_operations", "neural_ar_operations")
@@ -234,14 +234,6 @@ def nvae_args(**overrides: Any) -> argparse.Namespace:
     return argparse.Namespace(**{**_ARGS, **overrides})
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     r"""Reads an NVAE ``checkpoint.pt`` safely: tensors, plain containers and ``Namespace`` only.
 
@@ -294,12 +286,7 @@ def save_checkpoint(model: nn.Module, args: argparse.Namespace, path: str, **ext
         "grad_scalar": {},
     }
     ckpt.update(extra)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 @contextlib.contextmanager
@@ -454,7 +441,7 @@ class NVAEBackbone(Backbone):
                 f"(arch_instance={args.arch_instance!r}): missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )
-        return cls(model, code, args, checkpoint_hash=_sha256(path)).to(device)
+        return cls(model, code, args, checkpoint_hash=file_sha256(path)).to(device)
 
     # -- contract ------------------------------------------------------------------------------
 

@@ -610,20 +610,13 @@ def _plt():
 
 
 def save_grid(x: torch.Tensor, path: str, title: str) -> None:
-    r"""Writes a square grid of images in [0, 1] (first channel) as a PNG."""
+    r"""Writes the largest square grid of images in [0, 1] that ``x`` fills, as a PNG."""
 
-    plt = _plt()
-    n, h, w = int(math.sqrt(len(x))), x.shape[-2], x.shape[-1]
-    img = torch.full((n * (h + 1) + 1, n * (w + 1) + 1), 0.5)
-    for k in range(n * n):
-        r, c = divmod(k, n)
-        img[1 + r * (h + 1) : (r + 1) * (h + 1), 1 + c * (w + 1) : (c + 1) * (w + 1)] = x[k, 0]
-    fig = plt.figure(figsize=(4, 4.3))
-    plt.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
-    plt.axis("off")
-    plt.title(title, fontsize=8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+    from _images import save_grid as grid
+
+    n = int(math.sqrt(len(x)))
+    grid(path, x[: n * n], nrow=n, title=title)
 
 
 def langevin_figure(vae, prior, args, path: str, seed: int, rows: int = 8) -> None:

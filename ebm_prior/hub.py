@@ -83,14 +83,18 @@ def migrate_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    r"""Calls ``write(tmp)`` on a temporary file next to ``path``, then renames it over
-    ``path`` (``os.replace``): readers see the old file or the new one, never a partial one."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    r"""Calls ``write(tmp)`` on a temporary file next to ``path``, flushes it to disk
+    (``fsync``), then renames it over ``path`` (``os.replace``): readers see the old file or the
+    new one, never a partial one, also after a crash."""
 
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

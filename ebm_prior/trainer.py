@@ -400,7 +400,7 @@ class TwoStageTrainer:
         if self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             state = self.state_dict()
-            atomic_write(path, lambda tmp: _save_synced(state, tmp))
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
         if self.world_size > 1:
             dist.barrier()
         return path
@@ -414,13 +414,6 @@ class TwoStageTrainer:
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
             raise ValueError(f"cannot read trainer checkpoint {path}: {e}") from e
         self.load_state_dict(state)
-
-
-def _save_synced(obj: Any, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _diff(a: Any, b: Any, key: str = "") -> list[tuple[str, Any, Any]]:

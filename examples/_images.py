@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ebm_prior.hub import atomic_write
+
 #: torchvision dataset names accepted by :func:`load_images`
 TORCHVISION = {
     "cifar10": "CIFAR10",
@@ -163,9 +165,12 @@ def save_npz(path: str, images: torch.Tensor) -> None:
     r"""Writes images :math:`(N, C, H, W)` in [0, 1] as the ``uint8`` array ``x``, atomically."""
 
     arr = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez_compressed(tmp, x=arr)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy appends no ".npz"
+            np.savez_compressed(f, x=arr)
+
+    atomic_write(path, write)
 
 
 def save_grid(path: str, images: torch.Tensor, nrow: int | None = None, title: str = "") -> None:

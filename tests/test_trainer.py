@@ -138,7 +138,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     good = path.read_bytes()
 
     def broken_save(obj, f):
-        f.write(b"partial")
+        Path(f).write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(trainer_module.torch, "save", broken_save)
