@@ -219,6 +219,7 @@ class TwoStageTrainer:
         }  # fmt: skip
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self._last_collectives: tuple = ()  # finished DDP work kept alive (see train_step)
         self._broadcast_parameters()
 
     # -- data and randomness ---------------------------------------------------------------------
@@ -298,8 +299,13 @@ class TwoStageTrainer:
             stats += self._chunk(step, c, x)
         if self.world_size > 1:
             flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            dist.all_reduce(stats)
+            works = [dist.all_reduce(flat, async_op=True), dist.all_reduce(stats, async_op=True)]
+            for work in works:
+                work.wait()
+            # Keep the finished work objects (and so their tensors) referenced from Python until
+            # the next step: otherwise gloo's worker thread may drop the last reference after
+            # this step, and when that happens during interpreter shutdown it aborts the process.
+            self._last_collectives = (works, flat, stats)
             offset = 0
             for p in params:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -323,8 +329,11 @@ class TwoStageTrainer:
 
     def _broadcast_parameters(self) -> None:
         if self.world_size > 1:
-            for _, p in self._named_trained():
-                dist.broadcast(p.data, 0)
+            data = [p.data for _, p in self._named_trained()]
+            works = [dist.broadcast(t, 0, async_op=True) for t in data]
+            for work in works:
+                work.wait()
+            self._last_collectives = (works, data)  # see train_step
 
     # -- the loop --------------------------------------------------------------------------------
 
