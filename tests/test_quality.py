@@ -33,7 +33,9 @@ def test_quality_tiny_digits_all_parts(tmp_path, capsys):
     assert len(scale) == 1 and 1.8 < scale[0]["ratio"] < 2.2
     anomaly = [r for r in rows if r["part"] == "anomaly"]
     assert anomaly and all(
-        0 <= r[k] <= 1 for r in anomaly for k in ("auprc_ebm", "auprc_gaussian")
+        0 <= r[k] <= 1
+        for r in anomaly
+        for k in ("auprc_ebm", "auprc_gaussian", "auprc_joint_ebm", "auprc_joint_gaussian")
     )
     assert "| model | n | generator params |" in printed
 
