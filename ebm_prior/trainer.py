@@ -31,6 +31,7 @@ __all__ = ["TrainingDivergenceError", "TwoStageTrainer"]
 import hashlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -68,6 +69,33 @@ def derive_seed(*keys: int) -> int:
 
     digest = hashlib.sha256("/".join(str(int(k)) for k in keys).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _collective(tensors: list[Tensor], op: Callable[..., Any]) -> None:
+    r"""Runs ``op(t, async_op=True)`` on every tensor, waits, and returns only once the
+    communication threads have let go of the tensors.
+
+    A gloo worker thread releases its reference to a tensor after the work is marked complete,
+    and that release takes the GIL (the tensor's Python object is decref'd). When it happens
+    after the main thread has begun interpreter shutdown (a collective followed closely by the
+    end of the script), the worker thread cannot take the GIL and the process aborts
+    ("terminate called without an active exception"). While a C++ reference is alive the tensor
+    holds one reference to its Python object, so the Python reference count falls back to its
+    value before the collective exactly when the last C++ reference is gone; we wait for that
+    (releasing the GIL), for at most a second.
+    """
+
+    before = _refcounts(tensors)
+    works = [op(t, async_op=True) for t in tensors]
+    while works:  # no name may keep a finished work (and so its tensor) alive
+        works.pop().wait()
+    deadline = time.monotonic() + 1.0
+    while _refcounts(tensors) != before and time.monotonic() < deadline:
+        time.sleep(1e-4)
+
+
+def _refcounts(tensors: list[Tensor]) -> list[int]:
+    return [sys.getrefcount(t) for t in tensors]
 
 
 def _world() -> tuple[int, int]:
@@ -219,7 +247,6 @@ class TwoStageTrainer:
         }  # fmt: skip
         self.step = 0
         self.history: list[dict[str, float]] = []
-        self._last_collectives: tuple = ()  # finished DDP work kept alive (see train_step)
         self._broadcast_parameters()
 
     # -- data and randomness ---------------------------------------------------------------------
@@ -299,13 +326,7 @@ class TwoStageTrainer:
             stats += self._chunk(step, c, x)
         if self.world_size > 1:
             flat = torch.cat([p.grad.reshape(-1) for p in params])
-            works = [dist.all_reduce(flat, async_op=True), dist.all_reduce(stats, async_op=True)]
-            for work in works:
-                work.wait()
-            # Keep the finished work objects (and so their tensors) referenced from Python until
-            # the next step: otherwise gloo's worker thread may drop the last reference after
-            # this step, and when that happens during interpreter shutdown it aborts the process.
-            self._last_collectives = (works, flat, stats)
+            _collective([flat, stats], dist.all_reduce)
             offset = 0
             for p in params:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -330,10 +351,7 @@ class TwoStageTrainer:
     def _broadcast_parameters(self) -> None:
         if self.world_size > 1:
             data = [p.data for _, p in self._named_trained()]
-            works = [dist.broadcast(t, 0, async_op=True) for t in data]
-            for work in works:
-                work.wait()
-            self._last_collectives = (works, data)  # see train_step
+            _collective(data, lambda t, async_op: dist.broadcast(t, 0, async_op=async_op))
 
     # -- the loop --------------------------------------------------------------------------------
 
