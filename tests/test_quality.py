@@ -37,6 +37,8 @@ def test_quality_tiny_digits_all_parts(tmp_path, capsys):
         for r in anomaly
         for k in ("auprc_ebm", "auprc_gaussian", "auprc_joint_ebm", "auprc_joint_gaussian")
     )
+    (fig1,) = [r for r in rows if r["part"] == "fig1"]
+    assert np.isfinite([fig1["mmd_base"], fig1["mmd_ebm"], fig1["f_pos"], fig1["f_neg"]]).all()
     assert "| model | n | generator params |" in printed
 
     folder = tmp_path / "digits"
@@ -104,6 +106,31 @@ def test_frechet_distance_of_gaussians_is_close_to_closed_form():
     b = g.normal(1.0, 2.0, size=(20_000, 3))
     ref = metrics.gaussian_frechet([0] * 3, [1] * 3, [1] * 3, [4] * 3)
     assert metrics.frechet_distance(a, b) == pytest.approx(ref, rel=0.03)
+
+
+def test_gaussian_mmd_against_the_definition_and_its_law():
+    g = np.random.default_rng(0)
+    a, b = g.normal(size=(7, 3)), g.normal(size=(5, 3)) + 0.3
+    h = 0.8
+    k = lambda x, y: np.exp(-((x - y) ** 2).sum() / (2 * h * h))  # noqa: E731
+    direct = (
+        sum(k(a[i], a[j]) for i in range(7) for j in range(7) if i != j) / 42
+        + sum(k(b[i], b[j]) for i in range(5) for j in range(5) if i != j) / 20
+        - 2 * sum(k(x, y) for x in a for y in b) / 35
+    )
+    assert metrics.gaussian_mmd(a, b, bandwidth=h) == pytest.approx(direct, rel=1e-12)
+    # unbiased: over 200 pairs of samples from one law the mean is 0 within 4 standard errors
+    same = [
+        metrics.gaussian_mmd(g.normal(size=(50, 4)), g.normal(size=(50, 4))) for _ in range(200)
+    ]
+    assert abs(np.mean(same)) < 4 * np.std(same) / np.sqrt(200)
+    shifted = metrics.gaussian_mmd(g.normal(size=(50, 4)), g.normal(size=(50, 4)) + 1.0)
+    assert shifted > 10 * np.std(same)
+    # bounded: far-out points cannot blow it up (the cubic kernel of KID would)
+    x = g.normal(size=(300, 4))
+    assert abs(metrics.gaussian_mmd(x, np.concatenate([x[:150], 1e3 * x[150:]]))) <= 2
+    with pytest.raises(ValueError, match="same D"):
+        metrics.gaussian_mmd(a, b[:, :2])
 
 
 def test_kid_is_near_zero_for_one_distribution_and_positive_otherwise():
