@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -82,16 +83,33 @@ def _collective(tensors: list[Tensor], op: Callable[..., Any]) -> None:
     ("terminate called without an active exception"). While a C++ reference is alive the tensor
     holds one reference to its Python object, so the Python reference count falls back to its
     value before the collective exactly when the last C++ reference is gone; we wait for that
-    (releasing the GIL), for at most a second.
+    (releasing the GIL) for at most ``_RELEASE_TIMEOUT_S``. Should a torch version keep the
+    count up for good, the first timeout warns and turns the wait off.
     """
 
+    global _WAIT_FOR_RELEASE
     before = _refcounts(tensors)
     works = [op(t, async_op=True) for t in tensors]
     while works:  # no name may keep a finished work (and so its tensor) alive
         works.pop().wait()
-    deadline = time.monotonic() + 1.0
-    while _refcounts(tensors) != before and time.monotonic() < deadline:
+    if not _WAIT_FOR_RELEASE:
+        return
+    deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+    while _refcounts(tensors) != before:
+        if time.monotonic() > deadline:
+            _WAIT_FOR_RELEASE = False
+            warnings.warn(
+                "the communication backend still holds the tensors of a finished collective; "
+                "no longer waiting for their release (a process may abort at exit)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
         time.sleep(1e-4)
+
+
+_WAIT_FOR_RELEASE = True
+_RELEASE_TIMEOUT_S = 1.0
 
 
 def _refcounts(tensors: list[Tensor]) -> list[int]:

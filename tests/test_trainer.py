@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,29 @@ def test_collectives_return_after_gloo_lets_go_of_the_tensors(tmp_path):
     # the drop in a good fraction of calls; the trainer's collectives must never do.
     released = _torchrun(tmp_path, 2, chunk="release")["released"]
     assert len(released) == 200 and all(released), f"{released.count(False)} of 200 not released"
+
+
+def test_collective_stops_waiting_for_a_release_that_never_comes(monkeypatch):
+    held, sleeps = [], []
+
+    class Work:
+        def wait(self):
+            return True
+
+    def op(t, async_op):  # a backend that never lets go of the tensor
+        held.append(t)
+        return Work()
+
+    monkeypatch.setattr(trainer_module, "_WAIT_FOR_RELEASE", True)
+    monkeypatch.setattr(trainer_module, "_RELEASE_TIMEOUT_S", 0.05)
+    sleep = trainer_module.time.sleep
+    monkeypatch.setattr(trainer_module.time, "sleep", lambda s: sleeps.append(s) or sleep(s))
+    t = torch.zeros(3)
+    with pytest.warns(RuntimeWarning, match="still holds the tensors"):
+        trainer_module._collective([t], op)
+    assert trainer_module._WAIT_FOR_RELEASE is False and len(sleeps) > 0
+    waited = len(sleeps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer_module._collective([t], op)  # no second wait, no second warning
+    assert len(sleeps) == waited and len(held) == 2
