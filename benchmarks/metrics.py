@@ -132,11 +132,21 @@ def kernel_inception_distance(
         kxx = (x @ x.T / d + 1) ** 3
         kyy = (y @ y.T / d + 1) ** 3
         kxy = (x @ y.T / d + 1) ** 3
-        off = m * (m - 1)
-        values.append(
-            (kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2 * kxy.mean()
-        )
+        values.append(_unbiased_mmd2(kxx, kyy, kxy))
     return float(np.mean(values))
+
+
+def _unbiased_mmd2(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
+    r"""The unbiased squared MMD from the kernel matrices of ``a`` (N, N), ``b`` (M, M) and
+    ``a`` against ``b`` (N, M): the means of ``k(a_i, a_j)`` and ``k(b_i, b_j)`` over
+    :math:`i \neq j`, minus twice the mean of ``k(a_i, b_j)``."""
+
+    n, m = len(kxx), len(kyy)
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2 * kxy.mean()
+    )
 
 
 def gaussian_mmd(
@@ -167,20 +177,13 @@ def gaussian_mmd(
     if len(x) < 2 or len(y) < 2:
         raise ValueError("need at least 2 points in each sample")
     pooled = np.concatenate([x, y])
-    sq = np.maximum(
-        (pooled**2).sum(1)[:, None] + (pooled**2).sum(1)[None] - 2 * pooled @ pooled.T, 0
-    )
+    norms = (pooled**2).sum(1)
+    sq = np.maximum(norms[:, None] + norms[None] - 2 * pooled @ pooled.T, 0)
     if bandwidth is None:
         dist = np.sqrt(sq[np.triu_indices(len(pooled), 1)])
         bandwidth = float(np.median(dist[dist > 0])) if (dist > 0).any() else 1.0
-    k = np.exp(-sq / (2 * bandwidth**2))
-    n, m = len(x), len(y)
-    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
-    return float(
-        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
-        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        - 2 * kxy.mean()
-    )
+    k, n = np.exp(-sq / (2 * bandwidth**2)), len(x)
+    return _unbiased_mmd2(k[:n, :n], k[n:, n:], k[:n, n:])
 
 
 def inception_weights_path() -> str:

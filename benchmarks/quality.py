@@ -586,17 +586,17 @@ def run_fig1(ctx: Context, results: list, cache: dict) -> None:
     a, d = ctx.args, ctx.data
     keep = d["train_y"] <= 1
     x = d["train"][keep]
+    fa = copy.copy(a)
+    fa.epochs = a.epochs * max(1, len(d["train"]) // max(1, len(x)) // 2)
+    fa.two_stage_epochs = fa.epochs
+    n = min(len(x), 500)
     for seed in a.seeds:
         torch.manual_seed(seed)
         vae = new_backbone(a.dataset, latent_dims=(2, 2))
-        fa = copy.copy(a)
-        fa.epochs = a.epochs * max(1, len(d["train"]) // max(1, len(x)) // 2)
-        fa.two_stage_epochs = fa.epochs
         train_gaussian(vae, x, fa.epochs, fa, seed)
         torch.manual_seed(seed)
         prior = new_prior(vae, 32, a)
         diag = fit_two_stage(prior, vae, x, fa, seed)
-        n = min(len(x), 500)
         with torch.no_grad():
             torch.manual_seed(seed)
             post = vae.posterior(x[:n]).z

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 __all__ = ["TrainingDivergenceError", "TwoStageTrainer"]
 
+import functools
 import hashlib
 import math
 import os
@@ -72,6 +73,10 @@ def derive_seed(*keys: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+_WAIT_FOR_RELEASE = True  # turned off by the first timeout of _collective
+_RELEASE_TIMEOUT_S = 1.0
+
+
 def _collective(tensors: list[Tensor], op: Callable[..., Any]) -> None:
     r"""Runs ``op(t, async_op=True)`` on every tensor, waits, and returns only once the
     communication threads have let go of the tensors.
@@ -106,10 +111,6 @@ def _collective(tensors: list[Tensor], op: Callable[..., Any]) -> None:
             )
             return
         time.sleep(1e-4)
-
-
-_WAIT_FOR_RELEASE = True
-_RELEASE_TIMEOUT_S = 1.0
 
 
 def _refcounts(tensors: list[Tensor]) -> list[int]:
@@ -369,7 +370,7 @@ class TwoStageTrainer:
     def _broadcast_parameters(self) -> None:
         if self.world_size > 1:
             data = [p.data for _, p in self._named_trained()]
-            _collective(data, lambda t, async_op: dist.broadcast(t, 0, async_op=async_op))
+            _collective(data, functools.partial(dist.broadcast, src=0))
 
     # -- the loop --------------------------------------------------------------------------------
 
