@@ -2,7 +2,7 @@ r"""The backbone contract: how the core sees any hierarchical VAE."""
 
 from __future__ import annotations
 
-__all__ = ["Backbone", "Posterior"]
+__all__ = ["Backbone", "GroupwiseBackbone", "Posterior"]
 
 import abc
 from collections.abc import Sequence
@@ -175,6 +175,58 @@ class Backbone(nn.Module, abc.ABC):
             "latent_shapes": [list(s) for s in normalize_shapes(self.latent_shapes)],
             "checkpoint_hash": self.checkpoint_hash,
         }
+
+
+class GroupwiseBackbone(Backbone):
+    r"""A backbone that also exposes its posterior and prior *per group*.
+
+    The hierarchical bound of Havtorn et al. (2021), :func:`ebm_prior.ood.hierarchical_bound`,
+    needs :math:`\log q(z_{>k} \mid x)` for the top groups alone and the prior terms
+    :math:`\log p_b(z_i \mid z_{<i})` one by one; the base contract only gives their sums.
+    Adapters that can split them subclass this class instead of :class:`Backbone` and implement
+    :meth:`_posterior_top` and :meth:`_log_prior_groups`.
+    """
+
+    @abc.abstractmethod
+    def _posterior_top(self, x: Tensor, k: int) -> Posterior: ...
+
+    @abc.abstractmethod
+    def _log_prior_groups(self, z: list[Tensor]) -> list[Tensor]: ...
+
+    def posterior_top(self, x: Tensor, k: int) -> Posterior:
+        r"""Draws the top :math:`L - k` groups from :math:`q` and returns their log-density.
+
+        Backbones whose inference runs bottom-up (hvae-oodd's ``VAE``, the reference
+        :class:`~ebm_prior.HierarchicalVAE`) condition the top groups on the *mode* of
+        :math:`q` for the :math:`k` bottom groups, as hvae-oodd does.
+
+        Arguments:
+            x: A data batch with shape :math:`(B, *)`.
+            k: Number of bottom groups left out, :math:`0 \leq k < L`.
+
+        Returns:
+            A :class:`Posterior` whose ``z`` lists the :math:`L - k` top groups (top first) and
+            whose ``log_q`` is :math:`\log q(z_{>k} \mid x)`, with shape :math:`(B,)`.
+        """
+
+        check_k(k, self.num_groups)
+        _check_x(x)
+        return self._posterior_top(x, int(k))
+
+    def log_prior_groups(self, z: Sequence[Tensor]) -> list[Tensor]:
+        r"""Returns :math:`\log p_b(z_i \mid z_{<i})` per group (top first), each :math:`(B,)`."""
+
+        self.check(z, "z")
+        return list(self._log_prior_groups(list(z)))
+
+
+def check_k(k: int, num_groups: int) -> None:
+    r"""Checks the number of bottom groups :math:`k` of an :math:`L^{>k}` score."""
+
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_groups:
+        raise ValueError(
+            f"k must be an int with 0 <= k < {num_groups} (the number of latent groups), got {k!r}"
+        )
 
 
 def _check_t(t: float) -> None:

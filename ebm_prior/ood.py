@@ -10,12 +10,11 @@ __all__ = [
     "auroc",
     "fpr_at_tpr",
     "hierarchical_bound",
-    "joint_score",
     "llr_score",
+    "log_joint_score",
     "ood_metrics",
 ]
 
-import abc
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
@@ -24,54 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backbone import Backbone, Posterior
+from .backbone import Backbone, GroupwiseBackbone, check_k
+from .likelihood import LogPartition
 from .sample import EpsLangevin
 
 Energy = Callable[[list[Tensor]], Tensor]
 ArrayLike = Sequence[float] | np.ndarray | Tensor
-
-
-class GroupwiseBackbone(Backbone):
-    r"""A backbone that also exposes its posterior and prior *per group*.
-
-    The hierarchical bound of Havtorn et al. (2021), :func:`hierarchical_bound`, needs
-    :math:`\log q(z_{>k} \mid x)` for the top groups alone and the prior terms
-    :math:`\log p_b(z_i \mid z_{<i})` one by one; the base contract only gives their sums.
-    Adapters that can split them subclass this class instead of :class:`Backbone` and implement
-    :meth:`_posterior_top` and :meth:`_log_prior_groups`.
-    """
-
-    @abc.abstractmethod
-    def _posterior_top(self, x: Tensor, k: int) -> Posterior: ...
-
-    @abc.abstractmethod
-    def _log_prior_groups(self, z: list[Tensor]) -> list[Tensor]: ...
-
-    def posterior_top(self, x: Tensor, k: int) -> Posterior:
-        r"""Draws the top :math:`L - k` groups from :math:`q` and returns their log-density.
-
-        Backbones whose inference runs bottom-up (hvae-oodd's ``VAE``) condition the top groups
-        on the *mode* of :math:`q` for the :math:`k` bottom groups, as hvae-oodd does.
-
-        Arguments:
-            x: A data batch with shape :math:`(B, *)`.
-            k: Number of bottom groups left out, :math:`0 \leq k < L`.
-
-        Returns:
-            A :class:`Posterior` whose ``z`` lists the :math:`L - k` top groups (top first) and
-            whose ``log_q`` is :math:`\log q(z_{>k} \mid x)`, with shape :math:`(B,)`.
-        """
-
-        _check_k(k, self.num_groups)
-        if not isinstance(x, Tensor) or x.dim() < 2:
-            raise ValueError("x must be a batch-first tensor with shape (B, *)")
-        return self._posterior_top(x, int(k))
-
-    def log_prior_groups(self, z: Sequence[Tensor]) -> list[Tensor]:
-        r"""Returns :math:`\log p_b(z_i \mid z_{<i})` per group (top first), each :math:`(B,)`."""
-
-        self.check(z, "z")
-        return list(self._log_prior_groups(list(z)))
 
 
 class OODScore(NamedTuple):
@@ -106,13 +63,6 @@ class OODMetrics(NamedTuple):
 # -- scores -------------------------------------------------------------------------------------
 
 
-def _check_k(k: int, num_groups: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_groups:
-        raise ValueError(
-            f"k must be an int with 0 <= k < {num_groups} (the number of latent groups), got {k!r}"
-        )
-
-
 def _check_samples(samples: int) -> None:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
@@ -122,30 +72,132 @@ def _log_mean_exp(x: Tensor) -> Tensor:
     return torch.logsumexp(x, dim=0) - math.log(x.shape[0])
 
 
+def _log_z_value(log_z: float | LogPartition | None) -> float:
+    if log_z is None:
+        return 0.0
+    value = float(log_z.value if isinstance(log_z, LogPartition) else log_z)
+    if not math.isfinite(value):
+        raise ValueError(f"log_z must be finite, got {value!r}")
+    return value
+
+
+def _energy(prior: Energy | None, z: list[Tensor]) -> Tensor | float:
+    return 0.0 if prior is None else prior(z)
+
+
+def _lower_eps(
+    backbone: Backbone, ref: Tensor, top: int, generator: torch.Generator | None
+) -> list[Tensor]:
+    r"""Draws :math:`\epsilon_{\leq k} \sim \mathcal{N}(0, I)` for the bottom groups only."""
+
+    return [
+        torch.randn((ref.shape[0], *s), generator=generator, device=ref.device, dtype=ref.dtype)
+        for s in backbone.latent_shapes[top:]
+    ]
+
+
+def _log_mean_exp_f(
+    backbone: GroupwiseBackbone,
+    prior: Energy,
+    eps_top: list[Tensor],
+    draws: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    r""":math:`\log \frac{1}{M} \sum_m e^{f(z_{>k}, z^m_{\leq k})}`,
+    :math:`z^m_{\leq k} \sim p_b(z_{\leq k} \mid z_{>k})`: the inner Monte Carlo estimate of
+    :math:`\log E_{p_b(z_{\leq k} | z_{>k})}[e^{f(z)}]`, so that
+    :math:`\log p_{a,b}(z_{>k}) = \log p_b(z_{>k}) + \text{this} - \log Z`."""
+
+    terms = []
+    for _ in range(draws):
+        lower = _lower_eps(backbone, eps_top[0], len(eps_top), generator)
+        terms.append(prior(backbone.eps_to_z([*eps_top, *lower])))
+    return _log_mean_exp(torch.stack(terms))
+
+
+def _langevin_options(prior: Energy, sampler_options: dict[str, Any] | None) -> dict[str, Any]:
+    options = dict(getattr(prior, "sampler_config", None) or {})
+    options.update(sampler_options or {})
+    for key in ("step_size", "steps"):
+        if key not in options:
+            raise ValueError(
+                f"bottom='langevin' runs the chain the prior was trained with, but the prior "
+                f"records no {key!r} in its sampler_config; pass sampler_options="
+                "dict(step_size=..., steps=...)"
+            )
+    if float(options.get("t", 1.0)) != 1.0:
+        raise ValueError(
+            f"L>k scores the untempered prior: the chain's temperature must be 1, got "
+            f"t={options['t']!r} (override it with sampler_options=dict(t=1.0))"
+        )
+    options.pop("t", None)
+    options.setdefault("trace", False)
+    return options
+
+
 @torch.no_grad()
 def hierarchical_bound(
     backbone: GroupwiseBackbone,
     x: Tensor,
     k: int,
+    prior: Energy | None = None,
     samples: int = 1,
     lower: Literal["mode", "sample"] = "mode",
+    bottom: Literal["base", "langevin"] = "base",
+    marginal_samples: int = 16,
+    log_z: float | LogPartition | None = None,
     generator: torch.Generator | None = None,
+    sampler_options: dict[str, Any] | None = None,
 ) -> Tensor:
-    r"""Returns the :math:`L^{>k}` bound of Havtorn et al. (2021) under the Gaussian prior.
+    r"""Returns the :math:`L^{>k}` bound of Havtorn et al. (2021) under the Gaussian prior
+    (``prior=None``) or the joint EBM prior, with one and the same estimator.
 
     The top :math:`L - k` groups come from the posterior, the :math:`k` bottom groups from the
-    conditional prior given them, and the importance weights leave the bottom groups out:
+    prior's conditional given them, and the importance weights leave the bottom groups out:
 
     .. math:: L^{>k}(x) = \log \frac{1}{S} \sum_{s=1}^S
-              \frac{p(x \mid z^s) \, p_b(z^s_{>k})}{q(z^s_{>k} \mid x)}, \qquad
+              \frac{p(x \mid z^s) \, p(z^s_{>k})}{q(z^s_{>k} \mid x)}, \qquad
               z^s_{>k} \sim q(z_{>k} \mid x), \quad
-              z^s_{\leq k} \sim p_b(z_{\leq k} \mid z^s_{>k}).
+              z^s_{\leq k} \sim p(z_{\leq k} \mid z^s_{>k}).
 
-    Here :math:`z_{>k}` are the top :math:`L - k` entries of the latent list. With
-    ``lower="mode"`` (hvae-oodd's choice, ``use_mode`` in its ``scripts/ood-llr.py``) the bottom
-    groups are the means of their conditionals, :math:`\epsilon_{\leq k} = 0`; with
-    ``"sample"`` they are drawn, :math:`\epsilon_{\leq k} \sim \mathcal{N}(0, I)`. At
-    :math:`k = 0` this is the importance-weighted ELBO.
+    Under the EBM prior :math:`p_{a,b}(z) = e^{f(z)} p_b(z) / Z` the marginal of the top
+    groups is :math:`p_{a,b}(z_{>k}) = p_b(z_{>k})\, E_{p_b(z_{\leq k} | z_{>k})}[e^{f(z)}] / Z`
+    and :math:`p_{a,b}(z_{>k})\, E_{p_{a,b}(z_{\leq k} | z_{>k})}[p(x|z)] =
+    p_b(z_{>k})\, E_{p_b(z_{\leq k} | z_{>k})}[p(x|z)\, e^{f(z)}] / Z`, so with bottom draws from
+    the *base* conditional (``bottom="base"``, the default) each weight is
+
+    .. math:: w^s = \frac{p_b(z^s_{>k})}{q(z^s_{>k} \mid x)} \cdot
+              \frac{1}{M} \sum_{m=1}^M p(x \mid z^{s,m})\, e^{f(z^{s,m})} \cdot \frac{1}{Z},
+              \qquad z^{s,m}_{\leq k} \sim p_b(z_{\leq k} \mid z^s_{>k}),
+
+    an unbiased estimate of the integrand (``M = marginal_samples`` inner draws). With
+    :math:`f = 0` this *is* Havtorn's weight (for ``M = 1``, on the same draws), which is why
+    the base conditional is the default: the two priors differ only by the factor
+    :math:`e^{f}`, there is no sampler bias (no chain has to converge) and no step size to tune.
+    Its cost: when :math:`e^{f}` varies strongly over :math:`p_b(z_{\leq k} | z_{>k})` the inner
+    average needs more draws. ``bottom="langevin"`` draws :math:`z_{\leq k}` from the EBM
+    conditional instead (conditional eps-space Langevin, the top groups' :math:`\epsilon` held
+    fixed, started from :math:`\mathcal{N}(0, I)`, with the settings the prior was trained
+    with: ``prior.sampler_config``, overridden by ``sampler_options``) and weights them by
+    :math:`p(x \mid z)\, p_b(z_{>k}) \hat E[e^f] / q(z_{>k} \mid x)`, with :math:`\hat E[e^f]`
+    the same inner average over base draws (it is needed for the marginal either way); it is
+    exact only for chains at equilibrium.
+
+    ``lower="mode"`` (hvae-oodd's ``use_mode``, used by its ``scripts/ood-llr.py``, so the
+    default) decodes at the mode of the base conditional, :math:`\epsilon_{\leq k} = 0`, for
+    both priors; the EBM prior then enters through its top marginal only,
+    :math:`w^s = p(x | z^s_{mode})\, p_b(z^s_{>k})\, \hat E[e^f] / (Z\, q(z^s_{>k} | x))`.
+    ``lower="sample"`` draws the bottom groups as above. At :math:`k = 0` the score is the
+    importance-weighted bound :math:`\log \frac{1}{S}\sum_s p(x|z^s) e^{f(z^s)} p_b(z^s) /
+    (Z\, q(z^s|x))`, :math:`z^s \sim q(z \mid x)`.
+
+    :math:`\log Z` is the same for every :math:`x` and every :math:`k`: it cancels in
+    :math:`LLR^{>k} = L^{>0} - L^{>k}` and shifts every :math:`L^{>k}` alike, so no detection
+    metric depends on it. It matters only for reading :math:`L^{>k}` in nats, e.g. to compare
+    the EBM prior's :math:`L^{>0}` with the Gaussian one; pass ``log_z`` for that (then the
+    value carries the uncertainty of :math:`\log \hat Z`, see
+    :func:`ebm_prior.log_partition`). Without it the EBM scores are reported up to
+    :math:`-\log Z`.
 
     The bottom groups are written through the contract: :math:`\epsilon_{>k}` of the posterior
     sample (:meth:`Backbone.z_to_eps`) with new :math:`\epsilon_{\leq k}`, then
@@ -155,9 +207,18 @@ def hierarchical_bound(
         backbone: A :class:`GroupwiseBackbone` (needs :math:`\log q` of the top groups alone).
         x: A data batch with shape :math:`(B, *)`.
         k: Number of bottom groups drawn from the prior, :math:`0 \leq k < L`.
+        prior: The energy :math:`f_a` (e.g. a :class:`JointEBMPrior`), or ``None`` for the
+            Gaussian prior.
         samples: Number of importance samples :math:`S`.
         lower: ``"mode"`` or ``"sample"`` (above).
-        generator: Random generator for ``lower="sample"``; posterior draws use the backbone's.
+        bottom: ``"base"`` or ``"langevin"`` (above; only with ``lower="sample"``).
+        marginal_samples: Inner draws :math:`M` per importance sample, for
+            :math:`\hat E[e^f]` (and the bottom groups with ``"sample"``, ``"base"``).
+        log_z: :math:`\log Z` of the EBM prior (a float or a :class:`LogPartition`), subtracted
+            from the score; ``None`` leaves it out.
+        generator: Random generator for the bottom groups and the chains; posterior draws use
+            the backbone's.
+        sampler_options: Overrides of ``prior.sampler_config`` for ``bottom="langevin"``.
 
     Returns:
         :math:`L^{>k}(x)`, with shape :math:`(B,)`.
@@ -165,147 +226,138 @@ def hierarchical_bound(
     References:
         | Hierarchical VAEs Know What They Don't Know (Havtorn et al., 2021)
         | https://arxiv.org/abs/2102.08248
+        | Learning Joint Latent Space EBM Prior Model for Multi-layer Generator
+          (Cui et al., 2023)
+        | https://arxiv.org/abs/2306.06323
+
+    Example:
+        >>> from ebm_prior import HierarchicalVAE, JointEBMPrior
+        >>> vae = HierarchicalVAE.from_config("digits").eval()
+        >>> prior = JointEBMPrior(vae.latent_shapes, nef=16)
+        >>> x = torch.rand(4, 1, 8, 8).bernoulli()
+        >>> hierarchical_bound(vae, x, k=1, prior=prior, samples=2).shape
+        torch.Size([4])
     """
 
     if not isinstance(backbone, GroupwiseBackbone):
         raise TypeError(
             "hierarchical_bound needs log q of the top groups alone, which the base Backbone "
             f"contract does not give; {type(backbone).__name__} is not a GroupwiseBackbone "
-            "(use joint_score for any backbone)"
+            "(implement posterior_top and log_prior_groups, see ebm_prior.GroupwiseBackbone)"
         )
     n = backbone.num_groups
-    _check_k(k, n)
+    check_k(k, n)
     _check_samples(samples)
     if lower not in ("mode", "sample"):
         raise ValueError(f"lower must be 'mode' or 'sample', got {lower!r}")
+    if bottom not in ("base", "langevin"):
+        raise ValueError(f"bottom must be 'base' or 'langevin', got {bottom!r}")
+    if bottom == "langevin" and lower != "sample":
+        raise ValueError("bottom='langevin' draws the bottom groups: use it with lower='sample'")
+    if isinstance(marginal_samples, bool) or not isinstance(marginal_samples, int):
+        raise ValueError(f"marginal_samples must be a positive int, got {marginal_samples!r}")
+    if marginal_samples < 1:
+        raise ValueError(f"marginal_samples must be a positive int, got {marginal_samples!r}")
+    shift = _log_z_value(log_z) if prior is not None else 0.0
+    if prior is None and log_z is not None:
+        raise ValueError("log_z belongs to an EBM prior: pass prior=... or leave log_z out")
+    sampler = None
+    if bottom == "langevin" and k > 0:
+        options = _langevin_options(prior, sampler_options)
+        sampler = EpsLangevin(prior, backbone, generator=generator, **options)
     top = n - k
+    # all posterior draws first, so that the bottom groups' draws (from ``generator``, or the
+    # global stream without one) never shift them: both priors see the same posterior samples
+    posts = [backbone.posterior_top(x, k) for _ in range(samples)]
     out = []
-    for _ in range(samples):
-        post = backbone.posterior_top(x, k)
-        batch = post.z[0].shape[0]
+    for post in posts:
         if k == 0:
             z = list(post.z)
-        else:
-            ref = post.z[0]
-            zeros = [ref.new_zeros((batch, *s)) for s in backbone.latent_shapes[top:]]
-            eps = backbone.z_to_eps([*post.z, *zeros])  # triangular: zeros do not reach the top
-            if lower == "mode":
-                lower_eps = zeros
-            else:
-                lower_eps = backbone.sample_eps(
-                    batch, generator, post.z[0].device, post.z[0].dtype
-                )[top:]
-            z = backbone.eps_to_z([*eps[:top], *lower_eps])
-        log_p = sum(backbone.log_prior_groups(z)[:top])
-        out.append(backbone.log_likelihood(x, z) + log_p - post.log_q)
-    return _log_mean_exp(torch.stack(out))
+            lw = backbone.log_likelihood(x, z) + backbone.log_prior(z) - post.log_q
+            out.append(lw + _energy(prior, z))
+            continue
+        batch, ref = post.z[0].shape[0], post.z[0]
+        zeros = [ref.new_zeros((batch, *s)) for s in backbone.latent_shapes[top:]]
+        eps_top = backbone.z_to_eps([*post.z, *zeros])[:top]  # triangular: zeros stay below
+        z_mode = backbone.eps_to_z([*eps_top, *zeros])
+        lw = sum(backbone.log_prior_groups(z_mode)[:top]) - post.log_q
+        if lower == "mode":
+            lw = lw + backbone.log_likelihood(x, z_mode)
+            if prior is not None:
+                lw = lw + _log_mean_exp_f(backbone, prior, eps_top, marginal_samples, generator)
+        elif sampler is None:  # bottom groups from the base conditional, weighted by e^f
+            terms = []
+            for _ in range(marginal_samples):
+                z = backbone.eps_to_z([*eps_top, *_lower_eps(backbone, ref, top, generator)])
+                terms.append(backbone.log_likelihood(x, z) + _energy(prior, z))
+            lw = lw + _log_mean_exp(torch.stack(terms))
+        else:  # bottom groups from the EBM conditional
+            start = _lower_eps(backbone, ref, top, generator)
+            z = sampler([*eps_top, *start], fixed_groups=range(top)).z
+            lw = lw + backbone.log_likelihood(x, z)
+            lw = lw + _log_mean_exp_f(backbone, prior, eps_top, marginal_samples, generator)
+        out.append(lw)
+    return _log_mean_exp(torch.stack(out)) - shift
 
 
-def joint_score(
-    backbone: Backbone,
-    x: Tensor,
-    k: int,
-    prior: Energy | None = None,
-    samples: int = 1,
-    step_size: float = 0.1,
-    steps: int = 50,
-    mala: bool = False,
-    generator: torch.Generator | None = None,
-    **sampler_options: Any,
+@torch.no_grad()
+def log_joint_score(
+    backbone: Backbone, x: Tensor, prior: Energy | None = None, samples: int = 1
 ) -> Tensor:
-    r"""Returns :math:`L^{>k}` of the main paper's Eq. 20, for any backbone.
+    r"""Returns the expected log joint at posterior samples (Pang et al.'s decision function).
 
-    .. math:: L^{>k}(x) = \mathbb{E}_{z_{>k} \sim q(z \mid x),\,
-              z_{\leq k} \sim p_{a,b}(z_{\leq k} \mid z_{>k})}
-              \Big[\log p(x \mid z) + \log p_b(z) + \sum_i f_{a_i}(z_i)\Big]
+    .. math:: s(x) = \frac{1}{S} \sum_{s=1}^S \Big[\log p(x \mid z^s) + \log p_b(z^s)
+              + f_a(z^s)\Big], \qquad z^s \sim q(z \mid x)
 
-    :math:`z_{>k}` are the top :math:`L - k` groups of a posterior sample; the :math:`k` bottom
-    groups are drawn from the EBM prior conditioned on them by eps-space Langevin
-    (:class:`EpsLangevin` with the top groups' :math:`\epsilon` held fixed, started from
-    :math:`\epsilon_{\leq k} \sim \mathcal{N}(0, I)`). With ``prior=None`` the energy is zero
-    and the bottom groups are exact draws of the Gaussian conditional :math:`p_b`. The
-    expectation is a Monte Carlo average over ``samples`` draws. :math:`\log Z` is left out:
-    it does not depend on :math:`x` and cancels in :math:`LLR^{>k}`.
+    An unnormalised score (:math:`\log Z` left out, the same for every :math:`x`), used for
+    held-out-class anomaly detection; it is not a bound on :math:`\log p(x)`. For the
+    out-of-distribution ratio :math:`LLR^{>k}` use :func:`llr_score`.
 
     Arguments:
         backbone: The backbone.
         x: A data batch with shape :math:`(B, *)`.
-        k: Number of bottom groups drawn from the prior, :math:`0 \leq k < L`.
-        prior: The energy :math:`f_a` (e.g. a :class:`JointEBMPrior`), or ``None``.
-        samples: Number of Monte Carlo samples.
-        step_size: Langevin step size :math:`s` (the noise standard deviation).
-        steps: Langevin steps per sample.
-        mala: Metropolis-adjust the Langevin chains.
-        generator: Random generator for the bottom groups' starting noise and the chains.
-        sampler_options: Further options of :class:`EpsLangevin` (e.g. ``clip_grad``).
+        prior: The energy :math:`f_a`, or ``None`` for the Gaussian prior.
+        samples: Number of posterior samples :math:`S`.
 
     Returns:
-        :math:`L^{>k}(x)`, with shape :math:`(B,)`.
+        :math:`s(x)`, with shape :math:`(B,)`.
 
     References:
-        | Learning Joint Latent Space EBM Prior Model for Multi-layer Generator
-          (Cui et al., 2023)
-        | https://arxiv.org/abs/2306.06323
+        | Learning Latent Space Energy-Based Prior Model (Pang et al., 2020)
+        | https://arxiv.org/abs/2006.08205
     """
 
-    n = backbone.num_groups
-    _check_k(k, n)
     _check_samples(samples)
-    top = n - k
-    sampler = None
-    if prior is not None and k > 0:
-        sampler = EpsLangevin(
-            prior,
-            backbone,
-            step_size=step_size,
-            steps=steps,
-            mala=mala,
-            generator=generator,
-            **sampler_options,
-        )
     total = 0.0
     for _ in range(samples):
-        with torch.no_grad():
-            post = backbone.posterior(x)
-            eps = backbone.z_to_eps(post.z)
-        if k > 0:
-            fresh = backbone.sample_eps(len(x), generator, eps[0].device, eps[0].dtype)
-            eps = [*eps[:top], *fresh[top:]]
-        if sampler is not None:
-            z = sampler(eps, fixed_groups=range(top)).z
-        else:
-            with torch.no_grad():
-                z = backbone.eps_to_z(eps)
-        with torch.no_grad():
-            value = backbone.log_likelihood(x, z) + backbone.log_prior(z)
-            if prior is not None:
-                value = value + prior(z)
-        total = total + value
+        z = backbone.posterior(x).z
+        total = total + backbone.log_likelihood(x, z) + backbone.log_prior(z) + _energy(prior, z)
     return total / samples
 
 
 def llr_score(
-    backbone: Backbone,
+    backbone: GroupwiseBackbone,
     x: Tensor,
     k: int,
     prior: Energy | None = None,
-    method: Literal["hierarchical", "joint"] | None = None,
     samples: int = 1,
     **options: Any,
 ) -> OODScore:
     r"""Returns :math:`L^{>0}`, :math:`L^{>k}` and :math:`LLR^{>k} = L^{>0} - L^{>k}`.
 
+    Both bounds come from :func:`hierarchical_bound` with the same prior and options, so the
+    Gaussian (``prior=None``) and the EBM scores are the same estimator; :math:`\log Z`
+    cancels in the ratio. A larger :math:`LLR^{>k}` means more out-of-distribution.
+
     Arguments:
-        backbone: The backbone.
+        backbone: A :class:`GroupwiseBackbone`.
         x: A data batch with shape :math:`(B, *)`.
         k: Number of bottom groups drawn from the prior, :math:`1 \leq k < L` (``k = 0`` gives
             a zero ratio, allowed for tables).
-        prior: The energy :math:`f_a`, for ``method="joint"``.
-        method: ``"hierarchical"`` (:func:`hierarchical_bound`, Gaussian prior, hvae-oodd's
-            definition) or ``"joint"`` (:func:`joint_score`, Eq. 20). By default
-            ``"joint"`` when ``prior`` is given, else ``"hierarchical"``.
-        samples: Importance (or Monte Carlo) samples per bound.
-        options: Further keyword arguments of the chosen function.
+        prior: The energy :math:`f_a`, or ``None`` for the Gaussian prior.
+        samples: Importance samples per bound.
+        options: Further keyword arguments of :func:`hierarchical_bound` (``lower``,
+            ``bottom``, ``marginal_samples``, ``generator``, ``sampler_options``).
 
     Returns:
         An :class:`OODScore`.
@@ -314,23 +366,15 @@ def llr_score(
         >>> from ebm_prior import HierarchicalVAE
         >>> vae = HierarchicalVAE.from_config("digits").eval()
         >>> x = torch.rand(4, 1, 8, 8).bernoulli()
-        >>> score = llr_score(vae, x, k=1, method="joint", samples=2)
+        >>> score = llr_score(vae, x, k=1, samples=2)
         >>> score.llr.shape
         torch.Size([4])
     """
 
-    if method is None:
-        method = "hierarchical" if prior is None else "joint"
-    if method == "hierarchical":
-        if prior is not None:
-            raise ValueError("method 'hierarchical' is the Gaussian-prior bound: pass prior=None")
-        elbo = hierarchical_bound(backbone, x, 0, samples=samples, **options)
-        elbo_k = elbo if k == 0 else hierarchical_bound(backbone, x, k, samples, **options)
-    elif method == "joint":
-        elbo = joint_score(backbone, x, 0, prior, samples=samples, **options)
-        elbo_k = elbo if k == 0 else joint_score(backbone, x, k, prior, samples, **options)
-    else:
-        raise ValueError(f"method must be 'hierarchical' or 'joint', got {method!r}")
+    if "log_z" in options:
+        raise ValueError("log Z cancels in the likelihood ratio: do not pass log_z")
+    elbo = hierarchical_bound(backbone, x, 0, prior, samples, **options)
+    elbo_k = elbo if k == 0 else hierarchical_bound(backbone, x, k, prior, samples, **options)
     return OODScore(elbo, elbo_k, elbo - elbo_k)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._utils import flat_sum
-from .backbone import Backbone, Posterior
+from .backbone import GroupwiseBackbone, Posterior
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -91,7 +91,7 @@ def _normal_log_prob(z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
     return flat_sum(-0.5 * ((z - mu) / sigma) ** 2 - sigma.log() - 0.5 * LOG_2PI)
 
 
-class HierarchicalVAE(Backbone):
+class HierarchicalVAE(GroupwiseBackbone):
     r"""Creates a multi-layer hierarchical VAE with vector latent groups.
 
     Generation (top group first, ``latent_dims[0]`` is the top):
@@ -102,7 +102,10 @@ class HierarchicalVAE(Backbone):
 
     Every conditional's :math:`\sigma` depends on the group above (heteroscedastic, as in the
     paper). Inference is bottom-up and Markov,
-    :math:`q(z \mid x) = q(z_L \mid x) \prod_{k<L} q(z_k \mid z_{k+1})`.
+    :math:`q(z \mid x) = q(z_L \mid x) \prod_{k<L} q(z_k \mid z_{k+1})`. It is a
+    :class:`~ebm_prior.GroupwiseBackbone`: for the :math:`L^{>k}` scores of
+    :mod:`ebm_prior.ood`, :meth:`posterior_top` holds the :math:`k` bottom groups at the mean of
+    :math:`q` and draws the top groups given them (hvae-oodd's choice for its bottom-up ``VAE``).
 
     Arguments:
         x_shape: Data shape :math:`(c, h, w)`.
@@ -202,11 +205,7 @@ class HierarchicalVAE(Backbone):
         return eps
 
     def _log_prior(self, z: list[Tensor]) -> Tensor:
-        out = flat_sum(-0.5 * z[0] ** 2 - 0.5 * LOG_2PI)
-        for k, net in enumerate(self.prior_nets):
-            mu, sigma = net(z[k])
-            out = out + _normal_log_prob(z[k + 1], mu, sigma)
-        return out
+        return sum(self._log_prior_groups(z))
 
     def _posterior(self, x: Tensor) -> Posterior:
         mu, sigma = self.encoder_x(x)
@@ -217,6 +216,30 @@ class HierarchicalVAE(Backbone):
             z.insert(0, mu + sigma * torch.randn_like(mu))
             log_q = log_q + _normal_log_prob(z[0], mu, sigma)
         return Posterior(z, log_q)
+
+    def _posterior_top(self, x: Tensor, k: int) -> Posterior:
+        # Bottom-up inference: the k bottom groups sit at the mode (mean) of q, as hvae-oodd's
+        # VAE does; the top groups are drawn given them and only they enter log q.
+        n, top = self.num_groups, self.num_groups - k
+        mu, sigma = self.encoder_x(x)
+        z, log_q = [], torch.zeros(x.shape[0], dtype=mu.dtype, device=mu.device)
+        nets = [*self.encoder_z, self.encoder_x]  # nets[i] gives q(z_i | group below, or x)
+        for i in reversed(range(n)):
+            if i < n - 1:
+                mu, sigma = nets[i](z[0])
+            if i >= top:
+                z.insert(0, mu)
+            else:
+                z.insert(0, mu + sigma * torch.randn_like(mu))
+                log_q = log_q + _normal_log_prob(z[0], mu, sigma)
+        return Posterior(z[:top], log_q)
+
+    def _log_prior_groups(self, z: list[Tensor]) -> list[Tensor]:
+        out = [flat_sum(-0.5 * z[0] ** 2 - 0.5 * LOG_2PI)]
+        for k, net in enumerate(self.prior_nets):
+            mu, sigma = net(z[k])
+            out.append(_normal_log_prob(z[k + 1], mu, sigma))
+        return out
 
     def _log_likelihood(self, x: Tensor, z: list[Tensor]) -> Tensor:
         out = self.decoder(z[-1])

@@ -21,7 +21,7 @@ from adapters.oodd import (  # noqa: E402
     stochastic_layers,
 )
 from ebm_prior import EpsLangevin, JointEBMPrior  # noqa: E402
-from ebm_prior.ood import hierarchical_bound, joint_score, llr_score  # noqa: E402
+from ebm_prior.ood import hierarchical_bound, llr_score  # noqa: E402
 
 try:
     oodd = import_oodd()
@@ -214,15 +214,26 @@ def test_biva_bound_whole_stages_only():
         hierarchical_bound(bb, x, 1)
 
 
-def test_joint_score_and_llr_run_on_oodd():
+def test_ebm_llr_runs_on_oodd_and_zero_energy_is_the_package_bound():
     bb = OODDBackbone(tiny("lvae")).eval()
-    prior = JointEBMPrior(bb.latent_shapes, nef=8, num_layers=1, channels=4)
+    prior = JointEBMPrior(bb.latent_shapes, nef=8, num_layers=1, channels=4,
+                          sampler_config={"step_size": 0.05, "steps": 3})  # fmt: skip
     x = binary(4)
-    s = llr_score(bb, x, 1, prior, samples=2, steps=3, step_size=0.05)
-    assert s.llr.shape == (4,) and torch.isfinite(s.llr).all()
-    torch.testing.assert_close(s.llr, s.elbo - s.elbo_k)
-    g = joint_score(bb, x, 2, samples=2)
-    assert g.shape == (4,) and torch.isfinite(g).all()
+    for options in ({}, {"lower": "sample"}, {"lower": "sample", "bottom": "langevin"}):
+        s = llr_score(bb, x, 1, prior, samples=2, **options)
+        assert s.llr.shape == (4,) and torch.isfinite(s.llr).all()
+        torch.testing.assert_close(s.llr, s.elbo - s.elbo_k)
+    # the same estimator with f = 0 is hvae-oodd's own L>k on the same draws
+    zero = JointEBMPrior(bb.latent_shapes, nef=8, num_layers=1, channels=4)
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.zero_()
+    torch.manual_seed(11)
+    ours = hierarchical_bound(bb, x, 2, zero, samples=2)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        theirs = package_bound(bb.model, x, 2, 2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
     for p in (*bb.parameters(), *prior.parameters()):
         assert p.grad is None
 
