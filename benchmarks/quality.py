@@ -51,7 +51,7 @@ from ebm_prior import (  # noqa: E402
     JointEBMPrior,
     auprc,
     joint_loss,
-    joint_score,
+    log_joint_score,
     log_likelihood_bound,
     two_stage_loss,
 )
@@ -540,7 +540,7 @@ def run_anomaly(ctx: Context, results: list, cache: dict) -> None:
     * the negative unnormalised log joint at posterior samples (the decision function of
       Pang et al., 2020, which the paper's Table 4 follows),
       :math:`-\mathbb{E}_{q(z|x)}[\log p(x|z) + \log p_b(z) + f_a(z)]`
-      (:func:`ebm_prior.joint_score` with ``k = 0``; ``auprc_joint_*``).
+      (:func:`ebm_prior.log_joint_score`; ``auprc_joint_*``).
     """
 
     a, d = ctx.args, ctx.data
@@ -564,7 +564,7 @@ def run_anomaly(ctx: Context, results: list, cache: dict) -> None:
                     torch.manual_seed(seed)
                     ll = torch.cat([log_likelihood_bound(vae, c, p, 0.0, a.anomaly_iw_samples)
                                     for c in d["test"].split(250)])  # fmt: skip
-                    lj = torch.cat([joint_score(vae, c, 0, p, samples=a.anomaly_iw_samples)
+                    lj = torch.cat([log_joint_score(vae, c, p, samples=a.anomaly_iw_samples)
                                     for c in d["test"].split(250)])  # fmt: skip
                 out[f"auprc_{name}"] = auprc(-ll[~pos], -ll[pos])
                 out[f"auprc_joint_{name}"] = auprc(-lj[~pos], -lj[pos])

@@ -181,7 +181,8 @@ def hierarchical_bound(
     with: ``prior.sampler_config``, overridden by ``sampler_options``) and weights them by
     :math:`p(x \mid z)\, p_b(z_{>k}) \hat E[e^f] / q(z_{>k} \mid x)`, with :math:`\hat E[e^f]`
     the same inner average over base draws (it is needed for the marginal either way); it is
-    exact only for chains at equilibrium.
+    exact only for chains at equilibrium. With ``prior=None`` the conditional is the base one,
+    which is drawn exactly (the chain's target, without the chain).
 
     ``lower="mode"`` (hvae-oodd's ``use_mode``, used by its ``scripts/ood-llr.py``, so the
     default) decodes at the mode of the base conditional, :math:`\epsilon_{\leq k} = 0`, for
@@ -262,7 +263,7 @@ def hierarchical_bound(
     if prior is None and log_z is not None:
         raise ValueError("log_z belongs to an EBM prior: pass prior=... or leave log_z out")
     sampler = None
-    if bottom == "langevin" and k > 0:
+    if bottom == "langevin" and k > 0 and prior is not None:  # f = 0: drawn exactly below
         options = _langevin_options(prior, sampler_options)
         sampler = EpsLangevin(prior, backbone, generator=generator, **options)
     top = n - k

@@ -3,13 +3,12 @@ r"""Out-of-distribution detection with L>k and LLR>k: Gaussian prior vs the join
 Trains (or loads) a hierarchical VAE on the in-distribution training set, fits the joint EBM
 prior on it two-stage (backbone frozen), scores the in-distribution and the OOD test sets with
 
-* the Gaussian prior: hvae-oodd's importance-weighted :math:`L^{>k}` bound
-  (:func:`ebm_prior.ood.hierarchical_bound`) when the backbone gives per-group posteriors (the
-  hvae-oodd adapter), else Eq. 20 with zero energy (:func:`ebm_prior.ood.joint_score`);
-* the EBM prior: Eq. 20 of the paper, the bottom ``k`` groups drawn by eps-space Langevin from
-  the EBM prior conditioned on the posterior's top groups,
-
-and prints a table in the style of the supplement's Table 4 (AUROC / AUPRC / FPR80 of
+hvae-oodd's importance-weighted :math:`L^{>k}` bound (:func:`ebm_prior.ood.hierarchical_bound`)
+under the Gaussian prior and under the EBM prior, with the same estimator and the same options
+for both (the EBM prior enters through its marginal over the top groups, and with
+``--lower sample`` through the weight :math:`e^{f}` of the bottom groups' draws, or their
+conditional Langevin draws with ``--bottom langevin``, run with the settings the prior was trained
+with), and prints a table in the style of the supplement's Table 4 (AUROC / AUPRC / FPR80 of
 :math:`-L^{>k}` and :math:`LLR^{>k}` for ``k = 0 .. L-1``, OOD as positives), plus score
 histograms.
 
@@ -32,8 +31,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ebm_prior import Backbone, HierarchicalVAE, JointEBMPrior
-from ebm_prior.ood import GroupwiseBackbone, hierarchical_bound, joint_score, ood_metrics
+from ebm_prior import GroupwiseBackbone, HierarchicalVAE, JointEBMPrior
+from ebm_prior.ood import hierarchical_bound, ood_metrics
 
 try:  # run as a script (examples/ on the path) or imported by the tests
     import _data
@@ -61,9 +60,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nef", type=int, default=64, help="energy-network width")
     p.add_argument("--langevin-steps", type=int, default=30, help="Langevin steps (training)")
     p.add_argument("--step-size", type=float, default=0.3, help="Langevin step size s")
-    p.add_argument("--score-steps", type=int, default=50, help="Langevin steps per OOD score")
-    p.add_argument("--score-step-size", type=float, default=0.1)
-    p.add_argument("--samples", type=int, default=4, help="importance / Monte Carlo samples")
+    p.add_argument("--samples", type=int, default=4, help="importance samples per bound")
+    p.add_argument(
+        "--lower",
+        default="mode",
+        choices=["mode", "sample"],
+        help="bottom groups at the base conditional's mode (hvae-oodd) or drawn",
+    )
+    p.add_argument(
+        "--bottom",
+        default="base",
+        choices=["base", "langevin"],
+        help="with --lower sample: draws from the base conditional weighted by "
+        "e^f, or conditional Langevin with the prior's training settings",
+    )
+    p.add_argument(
+        "--marginal-samples",
+        type=int,
+        default=16,
+        help="inner draws for the EBM prior's marginal over the top groups",
+    )
     p.add_argument("--root", default="data", help="torchvision data folder")
     p.add_argument("--download", action="store_true", help="let torchvision download data")
     p.add_argument("--seed", type=int, default=0)
@@ -116,7 +132,7 @@ def oodd_lvae(channels: int, shape: tuple[int, ...]):
     )
 
 
-def make_backbone(args, train: torch.Tensor) -> tuple[Backbone, bool]:
+def make_backbone(args, train: torch.Tensor) -> tuple[GroupwiseBackbone, bool]:
     r"""Returns the backbone and whether it still needs training."""
 
     if args.backbone == "oodd":
@@ -133,7 +149,7 @@ def make_backbone(args, train: torch.Tensor) -> tuple[Backbone, bool]:
     return HierarchicalVAE.from_config("cifar10", channels=args.channels), True
 
 
-def train_elbo(backbone: Backbone, data: torch.Tensor, args) -> None:
+def train_elbo(backbone: GroupwiseBackbone, data: torch.Tensor, args) -> None:
     r"""Maximises the ELBO :math:`\log p(x|z) + \log p_b(z) - \log q(z|x)` through the contract."""
 
     opt = torch.optim.Adam(backbone.parameters(), lr=args.lr)
@@ -156,35 +172,33 @@ def train_elbo(backbone: Backbone, data: torch.Tensor, args) -> None:
 # -- scores -------------------------------------------------------------------------------------
 
 
-def scores(backbone: Backbone, prior: JointEBMPrior, x: torch.Tensor, args) -> dict:
-    r"""Returns ``{("gauss"|"ebm", k): L^{>k}}`` for ``k = 0 .. L-1``, each with shape (N,)."""
+def scores(backbone: GroupwiseBackbone, prior: JointEBMPrior, x: torch.Tensor, args) -> dict:
+    r"""Returns ``{("gauss"|"ebm", k): L^{>k}}`` for ``k = 0 .. L-1``, each with shape (N,):
+    one estimator, :func:`hierarchical_bound`, for both priors."""
 
-    n = backbone.num_groups
     out = {}
     gen = torch.Generator().manual_seed(args.seed)
-    for key in [(p, k) for p in ("gauss", "ebm") for k in range(n)]:
+    for key in [(p, k) for p in ("gauss", "ebm") for k in range(backbone.num_groups)]:
         parts = []
         for xb in x.split(args.batch_size):
-            if key[0] == "gauss" and isinstance(backbone, GroupwiseBackbone):
-                parts.append(hierarchical_bound(backbone, xb, key[1], samples=args.samples))
-            else:
-                parts.append(
-                    joint_score(
-                        backbone,
-                        xb,
-                        key[1],
-                        prior if key[0] == "ebm" else None,
-                        samples=args.samples,
-                        step_size=args.score_step_size,
-                        steps=args.score_steps,
-                        generator=gen,
-                    )  # fmt: skip
-                )
+            parts.append(
+                hierarchical_bound(
+                    backbone,
+                    xb,
+                    key[1],
+                    prior if key[0] == "ebm" else None,
+                    samples=args.samples,
+                    lower=args.lower,
+                    bottom=args.bottom,
+                    marginal_samples=args.marginal_samples,
+                    generator=gen,
+                )  # fmt: skip
+            )
         out[key] = torch.cat(parts)
     return out
 
 
-def table(s_in: dict, s_out: dict, n: int, gauss_name: str) -> list[dict]:
+def table(s_in: dict, s_out: dict, n: int) -> list[dict]:
     rows = []
     for prior in ("gauss", "ebm"):
         for k in range(n):
@@ -195,7 +209,7 @@ def table(s_in: dict, s_out: dict, n: int, gauss_name: str) -> list[dict]:
                 a = s_in[(prior, 0)] - s_in[(prior, k)]
                 b = s_out[(prior, 0)] - s_out[(prior, k)]
             m = ood_metrics(a, b)
-            label = gauss_name if prior == "gauss" else "EBM prior, Eq. 20"
+            label = "Gaussian prior" if prior == "gauss" else "EBM prior"
             rows.append(dict(prior=label, k=k, score=name, **m._asdict()))
     return rows
 
@@ -239,6 +253,8 @@ def histograms(s_in: dict, s_out: dict, n: int, args) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.bottom == "langevin" and args.lower != "sample":
+        raise SystemExit("--bottom langevin draws the bottom groups: use it with --lower sample")
     torch.manual_seed(args.seed)
     start = time.time()
     train, test_in, test_out = load(args)
@@ -246,23 +262,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if needs_training:
         train_elbo(backbone, train, args)
     backbone.eval()
-    prior = JointEBMPrior(backbone.latent_shapes, nef=args.nef)
+    # the settings recorded here are the ones the scores' chains run with (--bottom langevin)
+    prior = JointEBMPrior(
+        backbone.latent_shapes,
+        nef=args.nef,
+        sampler_config={"step_size": args.step_size, "steps": args.langevin_steps},
+    )
     fit_two_stage(prior, backbone, train, args.two_stage_epochs, args.batch_size, args.ebm_lr,
                   args.energy_reg, args.step_size, args.langevin_steps)  # fmt: skip
     prior.eval()
     s_in = scores(backbone, prior, test_in, args)
     s_out = scores(backbone, prior, test_out, args)
     n = backbone.num_groups
-    gauss_name = (
-        "Gaussian, hvae-oodd bound"
-        if isinstance(backbone, GroupwiseBackbone)
-        else "Gaussian, Eq. 20 (f = 0)"
+    rows = table(s_in, s_out, n)
+    estimator = f"lower={args.lower}" + (
+        f", bottom={args.bottom}" if args.lower == "sample" else ""
     )
-    rows = table(s_in, s_out, n, gauss_name)
     print_table(
         rows,
         f"{args.in_dist} (in) vs {args.out_dist} (OOD), {args.backbone} backbone, "
-        f"{len(test_in)} + {len(test_out)} test images, {args.samples} samples",
+        f"{len(test_in)} + {len(test_out)} test images; hvae-oodd's L>k for both priors "
+        f"({args.samples} importance samples, {estimator})",
     )
     out = {"rows": rows, "seconds": time.time() - start}
     if not args.no_plot:

@@ -15,34 +15,48 @@ import ood  # noqa: E402
 
 TINY = [
     "--n-train", "40", "--n-test", "20", "--epochs", "1", "--two-stage-epochs", "1",
-    "--langevin-steps", "2", "--score-steps", "2", "--samples", "2", "--channels", "4",
+    "--langevin-steps", "2", "--samples", "2", "--marginal-samples", "2", "--channels", "4",
     "--batch-size", "20", "--nef", "8",
 ]  # fmt: skip
 
 
 @pytest.fixture
 def fake_data(monkeypatch):
-    """Replaces the dataset loader with random 28x28 images: a bright and a dark 'dataset'."""
+    """Replaces the dataset loader with random 28x28 images: the in-distribution 'dataset' has
+    its left half on and its right half off, the OOD one the other way round."""
 
     def load_images(name, split="test", root="data", download=False):
         gen = torch.Generator().manual_seed(hash((name, split)) % 2**31)
-        scale = 0.6 if name == "fashion-mnist" else 0.2
-        return scale * torch.rand(60, 1, 28, 28, generator=gen)
+        x = 0.05 + 0.05 * torch.rand(60, 1, 28, 28, generator=gen)
+        half = slice(0, 14) if name == "fashion-mnist" else slice(14, 28)
+        x[..., half] = 0.9
+        return x
 
     monkeypatch.setattr(_data, "load_images", load_images)
 
 
-def test_ood_example_reference_tiny(tmp_path, capsys, fake_data):
-    out = ood.main([*TINY, "--out", str(tmp_path)])
+@pytest.mark.parametrize("lower", ["mode", "sample"])
+def test_ood_example_reference_tiny(tmp_path, capsys, fake_data, lower):
+    out = ood.main([*TINY, "--epochs", "10", "--lower", lower, "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "| Gaussian, Eq. 20 (f = 0)" in printed and "| EBM prior, Eq. 20" in printed
+    assert "| Gaussian prior" in printed and "| EBM prior" in printed
+    assert f"hvae-oodd's L>k for both priors (2 importance samples, lower={lower}" in printed
     rows = out["rows"]
     assert [(r["k"], r["score"]) for r in rows] == [(0, "L>k"), (1, "LLR>k")] * 2
     for r in rows:
         assert 0 <= r["auroc"] <= 1 and 0 <= r["auprc"] <= 1 and 0 <= r["fpr80"] <= 1
-    # bright vs dark images: the likelihood separates them (either way round)
-    assert abs(rows[0]["auroc"] - 0.5) > 0.3
+    # the OOD images (the wrong half on) get a lower likelihood: -L>0 ranks them first under
+    # both priors (a negated score would give an AUROC near 0 and fail)
+    assert rows[0]["auroc"] > 0.95 and rows[2]["auroc"] > 0.95
     assert Path(out["histogram"]).stat().st_size > 1000
+
+
+def test_ood_example_langevin_bottom(tmp_path, fake_data):
+    out = ood.main([*TINY, "--lower", "sample", "--bottom", "langevin", "--no-plot",
+                    "--out", str(tmp_path)])  # fmt: skip
+    assert len(out["rows"]) == 4
+    with pytest.raises(SystemExit, match="use it with --lower sample"):
+        ood.main([*TINY, "--bottom", "langevin", "--no-plot", "--out", str(tmp_path)])
 
 
 @pytest.mark.skipif(
@@ -50,7 +64,7 @@ def test_ood_example_reference_tiny(tmp_path, capsys, fake_data):
 )
 def test_ood_example_oodd_tiny(tmp_path, capsys, fake_data):
     out = ood.main([*TINY, "--backbone", "oodd", "--no-plot", "--out", str(tmp_path)])
-    assert "| Gaussian, hvae-oodd bound" in capsys.readouterr().out
+    assert "| Gaussian prior" in capsys.readouterr().out
     assert [r["k"] for r in out["rows"]] == [0, 1, 2, 0, 1, 2]
 
 
