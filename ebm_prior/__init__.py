@@ -3,7 +3,14 @@ r"""A joint latent-space energy-based prior for hierarchical VAEs."""
 from ._version import __version__
 from .backbone import Backbone, Posterior
 from .hub import IncompatiblePriorError, PriorFileError, check_compatible, load_prior, push_prior
-from .likelihood import LogPartition, log_likelihood_bound, log_partition
+from .likelihood import (
+    LikelihoodEstimate,
+    LogPartition,
+    LowESSWarning,
+    log_likelihood,
+    log_likelihood_bound,
+    log_partition,
+)
 from .objectives import (
     EBMLoss,
     JointLoss,
@@ -52,7 +59,9 @@ __all__ = [
     "ConvEnergy",
     "EBMLoss",
     "JointLoss",
+    "LikelihoodEstimate",
     "LogPartition",
+    "LowESSWarning",
     "PriorFileError",
     "PriorLoss",
     "backbone_prior_loss",
@@ -60,6 +69,7 @@ __all__ = [
     "ebm_loss",
     "joint_loss",
     "load_prior",
+    "log_likelihood",
     "log_likelihood_bound",
     "log_partition",
     "push_prior",
