@@ -1,7 +1,7 @@
 r"""A joint latent-space energy-based prior for hierarchical VAEs."""
 
 from ._version import __version__
-from .backbone import Backbone, Posterior
+from .backbone import Backbone, GroupwiseBackbone, Posterior
 from .hub import IncompatiblePriorError, PriorFileError, check_compatible, load_prior, push_prior
 from .likelihood import (
     LikelihoodEstimate,
@@ -21,15 +21,14 @@ from .objectives import (
     two_stage_loss,
 )
 from .ood import (
-    GroupwiseBackbone,
     OODMetrics,
     OODScore,
     auprc,
     auroc,
     fpr_at_tpr,
     hierarchical_bound,
-    joint_score,
     llr_score,
+    log_joint_score,
     ood_metrics,
 )
 from .prior import ConvEnergy, JointEBMPrior, MLPEnergy
@@ -46,7 +45,7 @@ from .trainer import TrainingDivergenceError, TwoStageTrainer
 __all__ = [
     "ood_metrics",
     "llr_score",
-    "joint_score",
+    "log_joint_score",
     "hierarchical_bound",
     "fpr_at_tpr",
     "auroc",
