@@ -140,7 +140,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             anomaly_train_size=300, anomaly_iw_samples=2,
         )  # fmt: skip
         defaults["classifier_epochs"], args.langevin_steps = 1, 3
-        args.ais_chains, args.ais_temperatures = 16, 10
+        args.ais_chains, args.ais_temperatures = 128, 10
         args.nefs, args.scales, args.anomaly_classes = "10,20", "2", "1"
         if args.seeds == "0,1,2":
             args.seeds = "0"
