@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from contract import BackboneContract
 from torch.distributions import Normal
 
 from ebm_prior import HierarchicalVAE
+from ebm_prior.testing import BackboneContract
 
 
 class _ReferenceContract(BackboneContract):
