@@ -3,7 +3,8 @@ r"""Private helpers: input validation, parameter freezing."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -12,8 +13,24 @@ from torch import Tensor
 Shape = tuple[int, ...]
 
 
+def as_int(value: object) -> int:
+    r"""Returns ``value`` as an ``int`` if it is an integer (``int``, NumPy or 0-d tensor
+    integers), else raises ``TypeError``: floats (even ``2.0``), strings and bools are refused."""
+
+    if isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"expected an integer, got {value!r}") from None
+
+
 def normalize_shapes(latent_shapes: Sequence[Sequence[int]]) -> tuple[Shape, ...]:
-    r"""Returns ``latent_shapes`` as a tuple of tuples of positive ints (JSON gives lists)."""
+    r"""Returns ``latent_shapes`` as a tuple of tuples of positive ints (JSON gives lists).
+
+    Sizes must be integers (``int``, NumPy integers, ``torch.Size`` entries): a float such as
+    ``2.5`` or a string such as ``"3"`` raises ``TypeError`` naming the group.
+    """
 
     if isinstance(latent_shapes, (str, bytes)) or len(latent_shapes) == 0:
         raise ValueError(
@@ -21,9 +38,16 @@ def normalize_shapes(latent_shapes: Sequence[Sequence[int]]) -> tuple[Shape, ...
         )
     shapes = []
     for i, shape in enumerate(latent_shapes):
-        if isinstance(shape, int):
+        if isinstance(shape, int) and not isinstance(shape, bool):
             shape = (shape,)
-        shape = tuple(int(s) for s in shape)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+            raise TypeError(f"group {i}: a latent shape is a sequence of integers, got {shape!r}")
+        try:
+            shape = tuple(as_int(s) for s in shape)
+        except TypeError:
+            raise TypeError(
+                f"group {i}: a latent shape is a sequence of integers, got {tuple(shape)!r}"
+            ) from None
         if len(shape) not in (1, 3) or any(s <= 0 for s in shape):
             raise ValueError(
                 f"group {i}: a latent shape is (d,) or (c, h, w) with positive sizes, got {shape}"
