@@ -4,21 +4,19 @@ from __future__ import annotations
 
 __all__ = ["ConvEnergy", "JointEBMPrior", "MLPEnergy"]
 
-import inspect
 import json
-import os
-from collections.abc import Sequence
-from pathlib import Path
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
-from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub import ModelCard
 from torch import Tensor
 
 from . import hub
-from ._utils import Shape, check_latents, module_device, normalize_shapes
+from ._utils import Shape, as_int, check_latents, module_device, normalize_shapes
 from ._version import __version__
 
 
@@ -53,7 +51,9 @@ class ConvEnergy(nn.Module):
 
     Repeated ``Conv2d(k=4, stride=2, padding=1, channels)`` + ``LeakyReLU(0.2)`` until the map
     is at most 4x4, flatten, ``num_layers`` ``Linear(nef)`` + ``LeakyReLU``, ``Linear(1)``
-    (supplement Table 5, with ``channels=64`` and ``nef=200``).
+    (supplement Table 5, with ``channels=64`` and ``nef=200``). Every convolution halves both
+    sides, so a side of 1 while the other is still above 4 (e.g. ``(c, 1, 8)``) cannot work and
+    raises ``ValueError``; a map already at most 4x4 (``(c, 1, 4)``) needs no convolution.
     """
 
     def __init__(
@@ -68,6 +68,13 @@ class ConvEnergy(nn.Module):
         c, h, w = shape
         convs: list[nn.Module] = []
         while h > 4 or w > 4:
+            if h < 2 or w < 2:
+                raise ValueError(
+                    f"latent shape {tuple(shape)} cannot go through the conv energy: it halves "
+                    "both sides (conv k=4, stride 2, padding 1) until each is at most 4, and a "
+                    f"side of 1 cannot be halved (here {h}x{w}); use a shape whose sides stay "
+                    ">= 2 until both are <= 4, or a vector group"
+                )
             convs += [nn.Conv2d(c, channels, 4, 2, 1), nn.LeakyReLU(slope)]
             c, h, w = channels, max(h // 2, 1), max(w // 2, 1)
         self.convs = nn.Sequential(*convs)
@@ -77,21 +84,40 @@ class ConvEnergy(nn.Module):
         return self.head(self.convs(z).flatten(1))
 
 
-def _per_group(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(int(v) for v in value)
-    if len(value) != n:
-        raise ValueError(f"{name} has {len(value)} entries, expected one per group ({n})")
-    return value
+def _per_group(value: int | Sequence[int], n: int, name: str, minimum: int) -> tuple[int, ...]:
+    many = isinstance(value, Iterable) and not isinstance(value, (str, bytes))
+    values = tuple(value) if many else (value,) * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries, expected one per group ({n})")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            v = as_int(v)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be an integer or one integer per group, got {value!r}"
+            ) from None
+        if v < minimum:
+            kind = "positive" if minimum == 1 else "non-negative"
+            raise ValueError(f"{name}: group {i} must be {kind}, got {v}")
+        out.append(v)
+    return tuple(out)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
 
 class JointEBMPrior(
     nn.Module,
-    PyTorchModelHubMixin,
+    hub.HubMixin,
     library_name="ebm-prior",
     tags=["ebm-prior", "energy-based-model", "vae", "latent-prior"],
-    repo_url="https://github.com/ebm-prior/ebm-prior",
 ):
     r"""Creates a joint latent-space EBM prior over the groups of a hierarchical VAE.
 
@@ -108,13 +134,22 @@ class JointEBMPrior(
           (Cui, Wu & Han, 2023)
         | https://arxiv.org/abs/2306.06323
 
+    Every argument is checked here: shapes and sizes must be integers (``2.5`` or ``"3"`` raise
+    ``TypeError``), ``nef`` and ``channels`` positive, ``num_layers`` non-negative, and a
+    spatial group must fit the conv energy (see :class:`ConvEnergy`); errors name the group.
+    Latents must have the dtype of the prior's weights (outside :func:`torch.autocast`).
+
     Arguments:
         latent_shapes: One shape per group, ``(d,)`` or ``(c, h, w)``, top group first.
         nef: Hidden width of the MLP layers, one int or one per group.
         num_layers: Number of hidden MLP layers, one int or one per group.
         channels: Conv channels for spatial groups, one int or one per group.
         slope: LeakyReLU negative slope.
-        sampler_config: Langevin settings the prior was trained with (recorded, not used).
+        sampler_config: Keyword arguments of :class:`~ebm_prior.EpsLangevin` the prior was
+            trained or evaluated with (recorded, not used here), so that
+            ``EpsLangevin(prior, backbone, **prior.sampler_config)`` rebuilds that sampler;
+            checked by :func:`ebm_prior.hub.check_sampler_config` (unknown keys and wrong types
+            are refused).
         backbone: The backbone's fingerprint (see :meth:`Backbone.fingerprint`), if known.
         library_version: Version of ``ebm-prior`` that wrote the config (set automatically).
 
@@ -141,19 +176,39 @@ class JointEBMPrior(
         super().__init__()
         self.latent_shapes = normalize_shapes(latent_shapes)
         n = len(self.latent_shapes)
-        self.nef = _per_group(nef, n, "nef")
-        self.num_layers = _per_group(num_layers, n, "num_layers")
-        self.channels = _per_group(channels, n, "channels")
+        self.nef = _per_group(nef, n, "nef", 1)
+        self.num_layers = _per_group(num_layers, n, "num_layers", 0)
+        self.channels = _per_group(channels, n, "channels", 1)
+        if isinstance(slope, bool) or not isinstance(slope, numbers.Real):
+            raise TypeError(f"slope must be a number, got {slope!r}")
+        if not math.isfinite(slope):
+            raise ValueError(f"slope must be finite, got {slope!r}")
         self.slope = float(slope)
-        self.sampler_config = dict(sampler_config or {})
+        self.sampler_config = hub.check_sampler_config(sampler_config)
+        if backbone is not None:
+            if not isinstance(backbone, dict):
+                raise TypeError(f"backbone must be a fingerprint dict, got {backbone!r}")
+            try:
+                json.dumps(backbone, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"backbone fingerprint is not JSON: {e}") from None
         self.backbone = dict(backbone) if backbone is not None else None
+        if not isinstance(library_version, str):
+            raise TypeError(f"library_version must be a string, got {library_version!r}")
         self.library_version = library_version
-        self.nets = nn.ModuleList(
-            MLPEnergy(s[0], e, k, self.slope)
-            if len(s) == 1
-            else ConvEnergy(s, e, k, c, self.slope)
-            for s, e, k, c in zip(self.latent_shapes, self.nef, self.num_layers, self.channels)
-        )
+        nets = []
+        for i, (s, e, k, c) in enumerate(
+            zip(self.latent_shapes, self.nef, self.num_layers, self.channels)
+        ):
+            try:
+                nets.append(
+                    MLPEnergy(s[0], e, k, self.slope)
+                    if len(s) == 1
+                    else ConvEnergy(s, e, k, c, self.slope)
+                )
+            except ValueError as err:
+                raise ValueError(f"group {i}: {err}") from None
+        self.nets = nn.ModuleList(nets)
 
     @property
     def num_groups(self) -> int:
@@ -164,7 +219,14 @@ class JointEBMPrior(
     def check(self, z: Sequence[Tensor]) -> int:
         r"""Validates ``z`` (groups, shapes, dtype, device); returns the batch size."""
 
-        return check_latents(z, self.latent_shapes, "z", device=module_device(self))
+        batch = check_latents(z, self.latent_shapes, "z", device=module_device(self))
+        dtype = next(iter(self.parameters())).dtype
+        if z[0].dtype != dtype and not _autocast_enabled(z[0].device.type):
+            raise TypeError(
+                f"z[0] has dtype {z[0].dtype}, but the prior's weights are {dtype}: convert the "
+                f"latents (zi.to({dtype})) or the prior (prior.to({z[0].dtype}))"
+            )
+        return batch
 
     def energies(self, z: Sequence[Tensor]) -> Tensor:
         r"""Returns the per-group energies :math:`f_{a_i}(z_i)`, with shape :math:`(B, L)`."""
@@ -198,81 +260,30 @@ class JointEBMPrior(
             "schema_version": hub.SCHEMA_VERSION,
         }
 
-    # -- Hub mixin hooks (see ebm_prior.hub) ----------------------------------------------------
+    # -- saving and loading (see ebm_prior.hub.HubMixin) ----------------------------------------
 
-    def _save_pretrained(self, save_directory: Path) -> None:
-        hub.write_pretrained(self, Path(save_directory))
+    _hub_weights_metadata = {"format": "pt"}
+    _hub_schema_version = hub.SCHEMA_VERSION
+    _hub_required = ("latent_shapes",)
+    _hub_config_types = {
+        "latent_shapes": hub.SHAPES,
+        "nef": hub.INT_OR_INTS,
+        "num_layers": hub.INT_OR_INTS,
+        "channels": hub.INT_OR_INTS,
+        "slope": hub.NUMBER,
+        "sampler_config": hub.SAMPLER_CONFIG,
+        "backbone": hub.FINGERPRINT,
+    }
+
+    def _hub_config(self) -> dict[str, Any]:
+        return {**self.config, "sampler_config": hub.check_sampler_config(self.sampler_config)}
+
+    @classmethod
+    def _hub_migrate(cls, config: dict[str, Any], where: str) -> dict[str, Any]:
+        return hub.migrate_config(config, where)
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        return ModelCard(hub.model_card(self, **kwargs))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        *,
-        force_download: bool = False,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool = False,
-        revision: str | None = None,
-        **model_kwargs,
-    ) -> JointEBMPrior:
-        r"""Loads a prior saved by :meth:`save_pretrained` from a folder or a Hub repo id.
-
-        Only ``model.safetensors`` is ever read (never a pickle); its SHA-256 is checked
-        against ``config.json``, and older config schemas are migrated
-        (:func:`ebm_prior.hub.migrate_config`). ``strict`` defaults to ``True`` and
-        ``map_location`` to ``"cpu"``. To check the prior against a backbone, use
-        :func:`ebm_prior.hub.load_prior`.
-        """
-
-        hub_kwargs = dict(
-            revision=revision, cache_dir=cache_dir, force_download=force_download,
-            token=token, local_files_only=local_files_only,
-        )  # fmt: skip
-        path = _resolve(str(pretrained_model_name_or_path), hub.CONFIG_NAME, hub_kwargs)
-        with open(path, encoding="utf-8") as f:
-            config = hub.migrate_config(json.load(f))
-        params = inspect.signature(cls.__init__).parameters
-        for key, value in config.items():
-            if key in params and key != "library_version":
-                model_kwargs.setdefault(key, value)
-        model_kwargs.setdefault("library_version", config["library_version"])
-        model_kwargs["weights_sha256"] = config.get("weights_sha256")
-        model_kwargs.setdefault("strict", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **hub_kwargs, **model_kwargs)
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        map_location: str | torch.device = "cpu",
-        strict: bool = True,
-        weights_sha256: str | None = None,
-        **model_kwargs,
-    ) -> JointEBMPrior:
-        hub_kwargs = dict(
-            revision=revision, cache_dir=cache_dir, force_download=force_download,
-            token=token, local_files_only=local_files_only,
-        )  # fmt: skip
-        path = _resolve(model_id, hub.WEIGHTS_NAME, hub_kwargs)
-        try:
-            state = hub.read_weights(path, weights_sha256)
-        except hub.PriorFileError:
-            if not os.path.isdir(model_id):  # drop the bad download from the cache
-                Path(os.path.realpath(path)).unlink(missing_ok=True)
-                Path(path).unlink(missing_ok=True)
-            raise
-        model = cls(**model_kwargs)
-        model.load_state_dict(state, strict=strict)
-        return model.to(map_location)
+        return ModelCard(hub.model_card(self, *args, **kwargs))
 
     def _energies(self, z: Sequence[Tensor]) -> Tensor:
         return torch.stack([net(zi) for net, zi in zip(self.nets, z)], dim=1)
@@ -282,23 +293,3 @@ class JointEBMPrior(
         for net, zi in zip(self.nets[1:], z[1:]):
             out = out + net(zi)
         return out
-
-
-def _resolve(model_id: str, filename: str, hub_kwargs: dict) -> str:
-    r"""Returns the local path of ``filename`` in a folder or a Hub repository."""
-
-    if os.path.isdir(model_id):
-        path = os.path.join(model_id, filename)
-        if not os.path.isfile(path):
-            raise hub.PriorFileError(f"no {filename} in {model_id}: not a saved ebm-prior")
-        return path
-    try:
-        return hf_hub_download(repo_id=model_id, filename=filename, **hub_kwargs)
-    except EntryNotFoundError as e:
-        if isinstance(e, LocalEntryNotFoundError):  # offline or unreachable: not our call
-            raise
-        rev = hub_kwargs.get("revision") or "main"
-        raise hub.PriorFileError(
-            f"{model_id}@{rev} has no {filename}: not an ebm-prior repository "
-            "(ebm-prior reads only config.json and model.safetensors, never pickles)"
-        ) from e

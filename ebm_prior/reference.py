@@ -11,9 +11,12 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import ModelCard
 from torch import Tensor
 
+from . import hub
 from ._utils import flat_sum
+from ._version import __version__
 from .backbone import GroupwiseBackbone, Posterior
 
 LOG_2PI = math.log(2 * math.pi)
@@ -91,7 +94,12 @@ def _normal_log_prob(z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
     return flat_sum(-0.5 * ((z - mu) / sigma) ** 2 - sigma.log() - 0.5 * LOG_2PI)
 
 
-class HierarchicalVAE(GroupwiseBackbone):
+class HierarchicalVAE(
+    GroupwiseBackbone,
+    hub.HubMixin,
+    library_name="ebm-prior",
+    tags=["ebm-prior", "vae", "hierarchical-vae"],
+):
     r"""Creates a multi-layer hierarchical VAE with vector latent groups.
 
     Generation (top group first, ``latent_dims[0]`` is the top):
@@ -258,3 +266,28 @@ class HierarchicalVAE(GroupwiseBackbone):
 
         z, log_q = self.posterior(x)
         return self._log_likelihood(x, z) + self._log_prior(z) - log_q
+
+    # -- saving and loading, as the prior (see ebm_prior.hub.HubMixin) --------------------------
+    # save_pretrained / from_pretrained / push_to_hub write and read model.safetensors and
+    # config.json (never a pickle, SHA-256 checked); after either, checkpoint_hash is the
+    # weights file's SHA-256, so a prior bound to this model checks it on load_prior.
+
+    _hub_model_type = "hierarchical-vae"
+    _hub_config_types = {
+        "x_shape": hub.INTS, "latent_dims": hub.INTS, "hidden": hub.INT, "num_layers": hub.INT,
+        "net": hub.STR, "likelihood": hub.STR, "sigma_x": hub.NUMBER, "channels": hub.INT,
+    }  # fmt: skip
+    _hub_required = tuple(_hub_config_types)
+
+    def _hub_config(self) -> dict[str, Any]:
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()}
+        return {
+            "model_type": self._hub_model_type, **config,
+            "library_version": __version__, "schema_version": self._hub_schema_version,
+        }  # fmt: skip
+
+    def _hub_weights_written(self, sha256: str) -> None:
+        self.checkpoint_hash = sha256
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        return ModelCard(hub.backbone_card(self, *args, **kwargs))

@@ -133,7 +133,7 @@ def build_prior(backbone: NVAEBackbone, args: argparse.Namespace) -> JointEBMPri
         num_layers=[energy_layers(s) for s in backbone.latent_shapes],
         sampler_config={
             "step_size": args.step_size, "steps": args.test_langevin_steps, "t": args.t,
-            "target": args.target, "mala": args.mala, "train_steps": args.langevin_steps,
+            "target": args.target, "mala": args.mala,
         },
         backbone=backbone.fingerprint(),
     )  # fmt: skip
