@@ -24,7 +24,7 @@ config, z2 100 -> z1 128) with the authors' energy sizes (z1: width 200, 3 layer
 2 layers); (ii) ``nvae``: a **stand-in** with NVAE CIFAR-10's latent structure (30 groups of
 20x16x16, residual conv top-down cells, random weights) and conv energies per group; (iii)
 ``biva``: a small BIVA from ``biva-pytorch`` (28x28, 2 stages: 3 latent groups) through
-``adapters.biva``.
+``ebm_prior.adapters.biva``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def build(name: str, device: torch.device) -> tuple[Backbone, JointEBMPrior]:
     elif name == "biva":
         from biva import BIVA, ConvNormal, DenseNormal
 
-        from adapters.biva import BIVABackbone, data_dependent_init
+        from ebm_prior.adapters.biva import BIVABackbone, data_dependent_init
 
         model = BIVA(
             tensor_shp=(-1, 1, 28, 28),

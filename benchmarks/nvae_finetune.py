@@ -35,8 +35,8 @@ sys.path.insert(
 
 from finetune_nvae import build_prior  # noqa: E402
 
-from adapters.nvae import NVAEBackbone, nvae_args  # noqa: E402
 from ebm_prior import EpsLangevin, TwoStageTrainer, ebm_loss  # noqa: E402
+from ebm_prior.adapters.nvae import NVAEBackbone, nvae_args  # noqa: E402
 
 SIZES = {
     # NVAE's README, CIFAR-10 command (8 GPUs, batch 32 each)

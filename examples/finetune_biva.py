@@ -33,8 +33,8 @@ from hierarchical_reconstruction import (
 )
 from torch import Tensor
 
-from adapters.biva import BIVABackbone
 from ebm_prior import EpsLangevin, JointEBMPrior
+from ebm_prior.adapters.biva import BIVABackbone
 
 
 def write_demo_session(path: str, data: Tensor, epochs: int) -> None:

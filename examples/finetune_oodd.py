@@ -65,7 +65,7 @@ def load_data(args) -> torch.Tensor:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    from adapters.oodd import OODDBackbone, data_dependent_init
+    from ebm_prior.adapters.oodd import OODDBackbone, data_dependent_init
 
     if (args.checkpoint is None) == (not args.train_tiny):
         raise SystemExit("pass exactly one of --checkpoint PATH or --train-tiny")

@@ -41,7 +41,7 @@ def tiny_biva(x: Tensor, family: str = "biva", filters: int = 16):
 
     from biva import BIVA, LVAE, VAE, ConvNormal, DenseNormal
 
-    from adapters.biva import data_dependent_init
+    from ebm_prior.adapters.biva import data_dependent_init
 
     cls = {"vae": VAE, "lvae": LVAE, "biva": BIVA}[family]
     latents = [{"N": 4, "kernel": 3, "block": ConvNormal}, {"N": 8, "block": DenseNormal}]
@@ -168,7 +168,7 @@ def build_backbone(name: str, train: Tensor) -> Backbone:
     if name == "reference":
         return HierarchicalVAE.from_config("digits")
     if name in ("biva", "lvae", "vae"):
-        from adapters.biva import BIVABackbone
+        from ebm_prior.adapters.biva import BIVABackbone
 
         return BIVABackbone(tiny_biva(train[:100], family=name))
     raise ValueError(f"unknown backbone {name!r}; choose reference, biva, lvae or vae")

@@ -111,7 +111,7 @@ def load(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def oodd_lvae(channels: int, shape: tuple[int, ...]):
     r"""A small 3-stage hvae-oodd LVAE for 28x28 binary images (its README's layout, narrower)."""
 
-    from adapters.oodd import import_oodd
+    from ebm_prior.adapters.oodd import import_oodd
 
     oodd = import_oodd()
 
@@ -136,7 +136,7 @@ def make_backbone(args, train: torch.Tensor) -> tuple[GroupwiseBackbone, bool]:
     r"""Returns the backbone and whether it still needs training."""
 
     if args.backbone == "oodd":
-        from adapters.oodd import OODDBackbone, data_dependent_init
+        from ebm_prior.adapters.oodd import OODDBackbone, data_dependent_init
 
         if args.checkpoint:
             return OODDBackbone.from_checkpoint(args.checkpoint), False

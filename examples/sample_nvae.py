@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _images import fit_to, load_images, save_grid, save_npz  # noqa: E402
 
-from adapters.nvae import NVAEBackbone  # noqa: E402
 from ebm_prior import EpsLangevin, load_prior  # noqa: E402
+from ebm_prior.adapters.nvae import NVAEBackbone  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

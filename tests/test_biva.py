@@ -7,7 +7,6 @@ import pickle
 
 import pytest
 import torch
-from contract import BackboneContract
 
 biva = pytest.importorskip(
     "biva", reason="biva-pytorch is not installed (pip install biva-pytorch)"
@@ -15,13 +14,14 @@ biva = pytest.importorskip(
 
 from biva import BIVA, LVAE, VAE, ConvNormal, DenseNormal  # noqa: E402
 
-from adapters.biva import (  # noqa: E402
+from ebm_prior import EpsLangevin, JointEBMPrior  # noqa: E402
+from ebm_prior.adapters.biva import (  # noqa: E402
     BIVABackbone,
     data_dependent_init,
     load_hyperparameters,
     stochastic_layers,
 )
-from ebm_prior import EpsLangevin, JointEBMPrior  # noqa: E402
+from ebm_prior.testing import BackboneContract  # noqa: E402
 
 FAMILIES = {"vae": VAE, "lvae": LVAE, "biva": BIVA}
 LATENTS = [{"N": 2, "kernel": 3, "block": ConvNormal}, {"N": 3, "block": DenseNormal}]
@@ -297,8 +297,8 @@ def test_from_logdir_unknown_dataset(tmp_path):
 
 
 def test_docstring_example():
-    import adapters.biva
+    import ebm_prior.adapters.biva
 
     torch.manual_seed(0)
-    result = doctest.testmod(adapters.biva, extraglobs={"torch": torch})
+    result = doctest.testmod(ebm_prior.adapters.biva, extraglobs={"torch": torch})
     assert result.attempted >= 5 and result.failed == 0

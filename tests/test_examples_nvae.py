@@ -133,7 +133,7 @@ def test_joint_prior_writes_the_changed_nvae_and_binds_the_prior(tiny_checkpoint
     out = finetune_nvae.main(_argv(d, tmp_path, 1, "--joint-prior", "--prior-lr", "1e-2"))
     changed = tmp_path / "nvae" / "checkpoint.pt"
     assert out["prior"].backbone["checkpoint_hash"] == file_sha256(changed)
-    from adapters.nvae import load_checkpoint
+    from ebm_prior.adapters.nvae import load_checkpoint
 
     before = load_checkpoint(d / "checkpoint.pt")["state_dict"]
     after = load_checkpoint(changed)["state_dict"]

@@ -7,7 +7,6 @@ import types
 
 import pytest
 import torch
-from contract import BackboneContract
 
 if not os.environ.get("NVAE_ROOT"):
     pytest.skip(
@@ -15,14 +14,15 @@ if not os.environ.get("NVAE_ROOT"):
         allow_module_level=True,
     )
 
-from adapters.nvae import (  # noqa: E402
+from ebm_prior import EpsLangevin, JointEBMPrior  # noqa: E402
+from ebm_prior.adapters.nvae import (  # noqa: E402
     NVAEBackbone,
     import_nvae,
     load_checkpoint,
     nvae_args,
     save_checkpoint,
 )
-from ebm_prior import EpsLangevin, JointEBMPrior  # noqa: E402
+from ebm_prior.testing import BackboneContract  # noqa: E402
 
 try:
     CODE = import_nvae()
@@ -244,7 +244,7 @@ def test_import_does_not_clobber_user_modules():
     saved = {name: sys.modules.get(name) for name in mine}
     sys.modules.update(mine)
     try:
-        from adapters import nvae
+        from ebm_prior.adapters import nvae
 
         nvae._CACHE.clear()
         code = import_nvae()

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from contract import BackboneContract
 
 if not os.environ.get("OODD_ROOT"):
     pytest.skip(
@@ -13,15 +12,16 @@ if not os.environ.get("OODD_ROOT"):
         allow_module_level=True,
     )
 
-from adapters.oodd import (  # noqa: E402
+from ebm_prior import EpsLangevin, JointEBMPrior  # noqa: E402
+from ebm_prior.adapters.oodd import (  # noqa: E402
     OODDBackbone,
     data_dependent_init,
     import_oodd,
     load_checkpoint,
     stochastic_layers,
 )
-from ebm_prior import EpsLangevin, JointEBMPrior  # noqa: E402
 from ebm_prior.ood import hierarchical_bound, llr_score  # noqa: E402
+from ebm_prior.testing import BackboneContract  # noqa: E402
 
 try:
     oodd = import_oodd()
