@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _images import fit_to, load_images, save_grid, save_npz  # noqa: E402
 
-from adapters.nvae import NVAEBackbone, save_checkpoint  # noqa: E402
 from ebm_prior import EpsLangevin, JointEBMPrior, TwoStageTrainer  # noqa: E402
+from ebm_prior.adapters.nvae import NVAEBackbone, save_checkpoint  # noqa: E402
 from ebm_prior.hub import file_sha256  # noqa: E402
 
 
