@@ -377,11 +377,22 @@ class EpsLangevin(Langevin):
 
     .. math:: \log \pi(\epsilon) = f_a(T_b(\epsilon)) - \tfrac{1}{2}\|\epsilon\|^2 + c,
 
-    and returns :math:`z = T_b(\epsilon)`. With ``target="anchor"`` it targets
-    :math:`f_a(T_b(\epsilon)) + \log p_b(T_b(\epsilon))` instead, as the authors' released code
-    and VAEBM do. That differs from the exact target by the log-Jacobian
-    :math:`-\sum_i \log(t \sigma_i)` and samples a distorted distribution whenever a
-    :math:`\sigma_i` depends on the groups above; use it only to reproduce published numbers.
+    and returns :math:`z = T_b(\epsilon)`, with :math:`T_b` at temperature :math:`t`.
+
+    With ``target="anchor"`` it targets :math:`f_a(z) + \log p_b^t(z)` at
+    :math:`z = T_b(\epsilon)` instead, as the authors' NVAE code and VAEBM do, where
+    :math:`p_b^t` is the backbone prior with every conditional tempered to
+    :math:`\mathcal{N}(\mu_i, (t \sigma_i)^2)`. Since
+    :math:`(z_i - \mu_i) / \sigma_i = t \epsilon_i`, it is computed through the backbone
+    contract as
+
+    .. math:: \log p_b^t(z) = \log p_b(z) + \frac{t^2 - 1}{2} \|\epsilon\|^2 - D \log t
+
+    (:math:`D` the total latent dimension). At every :math:`t` the anchor target differs from
+    the exact one by exactly the log-Jacobian :math:`-\sum_i \log(t \sigma_i)`, the sum over
+    every latent coordinate, up to the additive constant :math:`-\tfrac{D}{2} \log 2\pi`. It
+    samples a distorted distribution whenever a :math:`\sigma_i` depends on the groups above;
+    use it only to reproduce published numbers.
 
     Arguments:
         prior: The energy :math:`f_a`, a :class:`JointEBMPrior` or any module mapping a list
@@ -431,7 +442,12 @@ class EpsLangevin(Langevin):
         f = self._energy(z) if self.prior is not None else 0.0
         if self.target == "exact":
             return f - 0.5 * sum(flat_sum(e**2) for e in eps)
-        return f + self.backbone._log_prior(z)
+        log_p = self.backbone._log_prior(z)
+        if self.t != 1.0:  # temper every conditional: N(mu_i, (t sigma_i)^2)
+            t2, dim = self.t**2, sum(math.prod(e.shape[1:]) for e in eps)
+            log_p = log_p + 0.5 * (t2 - 1.0) * sum(flat_sum(e**2) for e in eps)
+            log_p = log_p - dim * math.log(self.t)
+        return f + log_p
 
     def transform(self, eps: list[Tensor]) -> list[Tensor]:
         return self.backbone._eps_to_z(eps, self.t)
