@@ -80,7 +80,10 @@ class Langevin:
 
     With ``mala=True`` every proposal is accepted with probability
     :math:`\min(1, \pi(x') q(x \mid x') / \pi(x) q(x' \mid x))` per chain (Metropolis-adjusted
-    Langevin), which makes the chain exact for any step size.
+    Langevin), which makes the chain exact for any step size. The proposal's drift (clipped or
+    computed under ``autocast``) may be any deterministic function of the state, since the same
+    drift enters both proposal densities; the ratio :math:`\pi(x') / \pi(x)` is always
+    evaluated in the state's dtype, without autocast.
 
     Gradients flow to the chain state only: parameters of ``modules`` are frozen while
     sampling, so no parameter ``.grad`` is created or changed. The state is detached every
@@ -103,9 +106,12 @@ class Langevin:
         check_every: Steps between host-side divergence checks.
         trace: Record the log-density and gradient-norm traces.
         progress: Show a tqdm progress bar.
-        autocast: Evaluate the log-density (backbone and energies) under
-            :func:`torch.autocast` with this dtype (``torch.bfloat16`` or ``torch.float16``);
-            the chain state, the update and the MALA test stay in the state's dtype.
+        autocast: Evaluate the log-density's gradient (backbone and energies) under
+            :func:`torch.autocast` with this dtype (``torch.bfloat16`` or ``torch.float16``).
+            The chain state and the update stay in the state's dtype; with ``mala=True`` the
+            accept/reject test uses :math:`\log \pi` evaluated again in the state's dtype,
+            without autocast (one extra forward pass per step, no backward), so MALA stays
+            exact for the true density rather than the rounded one.
         modules: Modules whose parameters are frozen while sampling.
 
     Example:
@@ -283,7 +289,8 @@ class Langevin:
         is accepted, and the evaluation is cached for the next step."""
 
         s, batch = self.step_size, x[0].shape[0]
-        logp, grad = self._value_and_grad(x, free)
+        exact = self.mala and self.autocast is not None
+        logp, grad = self._value_and_grad(x, free, exact=exact)
         norm = _norm(grad)
         bad = ~torch.isfinite(logp) | ~torch.isfinite(norm)
         if bool(bad.any()):
@@ -298,7 +305,7 @@ class Langevin:
             prop = list(x)
             for j, i in enumerate(free):
                 prop[i] = x[i] + drift[j] + s * noise[j]
-            logp_p, grad_p = self._value_and_grad(prop, free)
+            logp_p, grad_p = self._value_and_grad(prop, free, exact=exact)
             norm_p = _norm(grad_p)
             drift_p = self._drift(grad_p, norm_p)
             bad = ~torch.isfinite(logp_p) | ~torch.isfinite(norm_p)
@@ -324,7 +331,17 @@ class Langevin:
                 self._check(first_bad)
         return x, accepted, rejected, first_bad
 
-    def _value_and_grad(self, x: list[Tensor], free: list[int]) -> tuple[Tensor, list[Tensor]]:
+    def _value_and_grad(
+        self, x: list[Tensor], free: list[int], exact: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        r"""Returns :math:`\log \pi(x)`, shape :math:`(B,)`, and its gradient over the free
+        groups.
+
+        Under ``autocast`` both come from the autocast pass, unless ``exact`` is set: then the
+        value is evaluated again in the state's dtype, without autocast and without a graph
+        (MALA's accept/reject test needs the true density; the drift does not).
+        """
+
         x = [xi.detach().requires_grad_(i in free) for i, xi in enumerate(x)]
         with torch.enable_grad():
             if self.autocast is None:
@@ -333,6 +350,9 @@ class Langevin:
                 with torch.autocast(x[0].device.type, dtype=self.autocast):
                     logp = self.log_density(x).to(x[0].dtype)
             grad = torch.autograd.grad(logp.sum(), [x[i] for i in free])
+        if exact and self.autocast is not None:
+            with torch.no_grad():
+                logp = self.log_density([xi.detach() for xi in x])
         return logp.detach(), [g.detach() for g in grad]
 
     def _drift(self, grad: list[Tensor], norm: Tensor | None) -> list[Tensor]:
