@@ -85,6 +85,9 @@ class Langevin:
     drift enters both proposal densities; the ratio :math:`\pi(x') / \pi(x)` is always
     evaluated in the state's dtype, without autocast.
 
+    The log-density must return shape :math:`(B,)`; this is checked at the first evaluation of
+    every call (a ``ValueError`` names the shape returned).
+
     Gradients flow to the chain state only: parameters of ``modules`` are frozen while
     sampling, so no parameter ``.grad`` is created or changed. The state is detached every
     step, so memory does not grow with the number of steps. Non-finite values are tracked on
@@ -260,7 +263,7 @@ class Langevin:
         x = list(x)
         bar = tqdm(range(self.steps), disable=not self.progress, desc="Langevin", leave=False)
         for k in bar:
-            logp, grad = self._value_and_grad(x, free)
+            logp, grad = self._value_and_grad(x, free, check_shape=k == 0)
             if need_norm:
                 norm = _norm(grad)
                 ring[k % self.check_every] = logp + norm
@@ -290,7 +293,7 @@ class Langevin:
 
         s, batch = self.step_size, x[0].shape[0]
         exact = self.mala and self.autocast is not None
-        logp, grad = self._value_and_grad(x, free, exact=exact)
+        logp, grad = self._value_and_grad(x, free, exact=exact, check_shape=True)
         norm = _norm(grad)
         bad = ~torch.isfinite(logp) | ~torch.isfinite(norm)
         if bool(bad.any()):
@@ -332,7 +335,7 @@ class Langevin:
         return x, accepted, rejected, first_bad
 
     def _value_and_grad(
-        self, x: list[Tensor], free: list[int], exact: bool = False
+        self, x: list[Tensor], free: list[int], exact: bool = False, check_shape: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
         r"""Returns :math:`\log \pi(x)`, shape :math:`(B,)`, and its gradient over the free
         groups.
@@ -348,11 +351,16 @@ class Langevin:
                 logp = self.log_density(x)
             else:
                 with torch.autocast(x[0].device.type, dtype=self.autocast):
-                    logp = self.log_density(x).to(x[0].dtype)
+                    logp = self.log_density(x)
+            if check_shape:
+                _check_log_density(logp, x[0].shape[0])
+            logp = logp.to(x[0].dtype)
             grad = torch.autograd.grad(logp.sum(), [x[i] for i in free])
         if exact and self.autocast is not None:
             with torch.no_grad():
                 logp = self.log_density([xi.detach() for xi in x])
+            if check_shape:
+                _check_log_density(logp, x[0].shape[0])
         return logp.detach(), [g.detach() for g in grad]
 
     def _drift(self, grad: list[Tensor], norm: Tensor | None) -> list[Tensor]:
@@ -372,6 +380,23 @@ class Langevin:
         if bool((first_bad != -2).any()):
             chains = (first_bad != -2).nonzero().flatten()
             raise LangevinDivergenceError(int(first_bad[chains].min()), chains.tolist())
+
+
+def _check_log_density(logp: object, batch: int) -> None:
+    if not isinstance(logp, Tensor):
+        raise TypeError(
+            f"the log-density must return a tensor of shape (B,) = ({batch},), "
+            f"got {type(logp).__name__}"
+        )
+    shape = tuple(logp.shape)
+    if shape != (batch,):
+        hint = (
+            " (a term of shape (B, 1) added to one of shape (B,))" if shape == (batch,) * 2 else ""
+        )
+        raise ValueError(
+            f"the log-density returned shape {shape}, expected (B,) = ({batch},), one value per "
+            f"chain{hint}"
+        )
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -414,6 +439,9 @@ class EpsLangevin(Langevin):
     samples a distorted distribution whenever a :math:`\sigma_i` depends on the groups above;
     use it only to reproduce published numbers.
 
+    The energy is called as a module, ``prior(z)``, so its ``forward`` overrides and forward
+    hooks apply, as in the losses.
+
     Arguments:
         prior: The energy :math:`f_a`, a :class:`JointEBMPrior` or any module mapping a list
             of latents to :math:`(B,)`; ``None`` samples the base prior.
@@ -450,7 +478,6 @@ class EpsLangevin(Langevin):
         modules = [m for m in (prior, backbone) if isinstance(m, nn.Module)]
         super().__init__(modules=modules, **kwargs)
         self.prior, self.backbone, self.t, self.target = prior, backbone, float(t), target
-        self._energy = getattr(prior, "_forward", prior)
 
     def validate(self, x: list[Tensor]) -> None:
         self.backbone.check(x, "eps")
@@ -459,7 +486,7 @@ class EpsLangevin(Langevin):
 
     def log_density(self, eps: list[Tensor]) -> Tensor:
         z = self.backbone._eps_to_z(eps, self.t)
-        f = self._energy(z) if self.prior is not None else 0.0
+        f = self.prior(z) if self.prior is not None else 0.0
         if self.target == "exact":
             return f - 0.5 * sum(flat_sum(e**2) for e in eps)
         log_p = self.backbone._log_prior(z)
@@ -484,7 +511,7 @@ class PosteriorLangevin(Langevin):
     .. math:: \log \pi(z \mid x) = \log p(x \mid z) + f_a(z) + \log p_b(z) + c
 
     used for posterior sampling in MLE learning (short-run chains from :math:`q(z \mid x)`
-    or from a persistent state).
+    or from a persistent state). The energy is called as a module, ``prior(z)``.
 
     Arguments:
         prior: The energy :math:`f_a`, or ``None`` for the Gaussian-prior posterior.
@@ -505,7 +532,6 @@ class PosteriorLangevin(Langevin):
         modules = [m for m in (prior, backbone) if isinstance(m, nn.Module)]
         super().__init__(modules=modules, **kwargs)
         self.prior, self.backbone, self.x = prior, backbone, x
-        self._energy = getattr(prior, "_forward", prior)
 
     def validate(self, z: list[Tensor]) -> None:
         batch = check_latents(z, self.backbone.latent_shapes, "z")
@@ -514,7 +540,7 @@ class PosteriorLangevin(Langevin):
 
     def log_density(self, z: list[Tensor]) -> Tensor:
         out = self.backbone._log_likelihood(self.x, z) + self.backbone._log_prior(z)
-        return out + self._energy(z) if self.prior is not None else out
+        return out + self.prior(z) if self.prior is not None else out
 
     def init(self) -> list[Tensor]:
         r"""Starts from a posterior sample :math:`z \sim q(z \mid x)`."""
