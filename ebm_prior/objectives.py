@@ -140,7 +140,11 @@ def joint_loss(
         x: Data batch, with shape :math:`(B, *)`.
         z_neg: Prior samples (detached inside).
         posterior: A reparameterised posterior sample of ``x`` to reuse (drawn if ``None``).
-        reg: L2 penalty :math:`\lambda` on the energy values, as in :func:`ebm_loss`.
+        reg: L2 penalty :math:`\lambda` on the energy values, as in :func:`ebm_loss`:
+            :math:`\lambda \big(\mathbb{E}[f_a(\mathrm{sg}\,z^+)^2]
+            + \mathbb{E}[f_a(\mathrm{sg}\,z^-)^2]\big)`. It is computed on detached
+            :math:`z^+`, so it trains only the energy and never reshapes :math:`q`; the main
+            :math:`f_a(z^+)` term keeps its gradient to the encoder.
     """
 
     post = backbone.posterior(x) if posterior is None else posterior
@@ -152,7 +156,8 @@ def joint_loss(
     lp_neg = backbone.log_prior(z_neg)
     loss = -(ll + f_pos + lp - post.log_q).mean() + (f_neg + lp_neg).mean()
     if reg:
-        loss = loss + reg * ((f_pos**2).mean() + (f_neg**2).mean())
+        f_pos_sg = prior(_detach(post.z))
+        loss = loss + reg * ((f_pos_sg**2).mean() + (f_neg**2).mean())
     return JointLoss(
         loss,
         (ll + lp - post.log_q).mean().detach(),
