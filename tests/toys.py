@@ -159,6 +159,77 @@ def hetero_exact_marginals(target: str = "exact", n: int = 1601, lim: float = 8.
     return cdfs
 
 
+def _hetero_log_density(e1, e2, target: str, t: float):
+    r"""Unnormalised eps-space log-density of :class:`Heteroscedastic` with
+    :class:`NonQuadraticEnergy` at temperature ``t`` (numpy, broadcasting)."""
+
+    if target not in ("exact", "anchor"):
+        raise ValueError(f"target must be 'exact' or 'anchor', got {target!r}")
+    z1 = t * e1
+    z2 = 0.5 * z1 + t * np.exp(0.6 * z1) * e2
+    logp = 2.0 * np.tanh(z2) + np.cos(z1) - 0.5 * (e1**2 + e2**2)
+    if target == "anchor":  # the tempered Normal's log-Jacobian, -log(t sigma(z1)), less log t
+        logp = logp - 0.6 * z1
+    return logp
+
+
+def hetero_marginals(target: str = "exact", t: float = 1.0, n: int = 1601, lim: float = 8.0):
+    r"""Marginal CDFs of :math:`\epsilon_1, \epsilon_2` under the eps-space law of
+    :class:`Heteroscedastic` with :class:`NonQuadraticEnergy` at temperature ``t``, by
+    quadrature on a grid.
+
+    ``target="exact"``: :math:`f(T_t\epsilon) - |\epsilon|^2/2`; ``"anchor"``:
+    :math:`f(z) + \log p_b^t(z)` with the tempered Normal, i.e. the exact target plus the
+    log-Jacobian :math:`-\log(t\sigma(z_1))`. At ``t=1`` it equals
+    :func:`hetero_exact_marginals`.
+    """
+
+    e = np.linspace(-lim, lim, n)
+    e1, e2 = np.meshgrid(e, e, indexing="ij")
+    logp = _hetero_log_density(e1, e2, target, t)
+    p = np.exp(logp - logp.max())
+    cdfs = []
+    for axis in (1, 0):  # marginal of e1 (sum over e2), then of e2
+        c = np.cumsum(p.sum(axis=axis))
+        cdfs.append((e, c / c[-1]))
+    return cdfs
+
+
+def hetero_conditional(e1: float, t: float = 1.0, n: int = 4001, lim: float = 8.0):
+    r"""CDF of :math:`\epsilon_2` given :math:`\epsilon_1` under the exact eps-space law of
+    :class:`Heteroscedastic` with :class:`NonQuadraticEnergy`, by 1-D quadrature.
+
+    (The anchor target has the same conditional: its extra term depends on :math:`z_1` only.)
+    """
+
+    e = np.linspace(-lim, lim, n)
+    logp = _hetero_log_density(np.float64(e1), e, "exact", t)
+    c = np.cumsum(np.exp(logp - logp.max()))
+    return e, c / c[-1]
+
+
+def linear_posterior(
+    backbone: LinearGaussian,
+    x: np.ndarray,
+    c: np.ndarray | None = None,
+    m: np.ndarray | None = None,
+):
+    r"""Mean and covariance of :math:`p(z \mid x) \propto p(x \mid z) e^{f(z)} p_b(z)` for
+    :class:`LinearGaussian` (z concatenated), with :math:`f = 0` or the
+    :class:`QuadraticEnergy` ``(c, m)``: a Gaussian with precision
+    :math:`(MM^\top)^{-1} + C + W_2^\top W_2 / \sigma_x^2`."""
+
+    mm = backbone.matrix()
+    d2 = mm.shape[0]
+    w = np.zeros((backbone.W.shape[0], d2))
+    w[:, backbone.d :] = backbone.W.numpy()
+    c = np.zeros((d2, d2)) if c is None else c
+    m = np.zeros(d2) if m is None else m
+    prec = np.linalg.inv(mm @ mm.T) + c + w.T @ w / backbone.sigma_x**2
+    cov = np.linalg.inv(prec)
+    return cov @ (c @ m + w.T @ np.asarray(x) / backbone.sigma_x**2), cov
+
+
 def interp_cdf(grid_cdf):
     e, c = grid_cdf
     return lambda x: np.interp(x, e, c)
@@ -190,8 +261,11 @@ __all__ = [
     "LinearGaussian",
     "NonQuadraticEnergy",
     "QuadraticEnergy",
+    "hetero_conditional",
     "hetero_exact_marginals",
+    "hetero_marginals",
     "interp_cdf",
     "linear_eps_law",
+    "linear_posterior",
     "lyapunov",
 ]
