@@ -74,9 +74,11 @@ class Langevin:
     .. math:: x \leftarrow x + \frac{s^2}{2} \nabla \log \pi(x) + s \, \xi,
               \quad \xi \sim \mathcal{N}(0, I)
 
-    VAEBM and the authors' code write the same update with :math:`\delta = s^2`
-    (``x + delta/2 * grad + sqrt(delta) * xi``), so their ``step_size`` :math:`\delta`
-    is our :math:`s = \sqrt{\delta}`.
+    The authors' 2-layer code (hierarchical-joint-ebm) uses the same :math:`s`, the noise
+    standard deviation, with the same update, so its step sizes carry over unchanged. Their
+    NVAE code and VAEBM write the update with :math:`\delta = s^2`
+    (``x + delta/2 * grad + sqrt(delta) * xi``): a step size :math:`\delta` there is our
+    :math:`s = \sqrt{\delta}`.
 
     With ``mala=True`` every proposal is accepted with probability
     :math:`\min(1, \pi(x') q(x \mid x') / \pi(x) q(x' \mid x))` per chain (Metropolis-adjusted
