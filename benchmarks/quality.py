@@ -427,9 +427,16 @@ class Context:
 # -- parts ---------------------------------------------------------------------------------------
 
 
+#: Where each row is appended as it comes (JSON lines), so a stopped run keeps what it measured.
+_PARTIAL: list[str] = []
+
+
 def _record(results, part, model, seed, **values) -> dict:
     row = {"dataset": None, "part": part, "model": model, "seed": seed, **values}
     results.append(row)
+    for path in _PARTIAL:
+        with open(path, "a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}
     print(f"  {part:7s} {model:28s} seed {seed}: {shown}", flush=True)
     return row
@@ -832,6 +839,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {"tables": report(args.out)}
     t0 = time.time()
     ctx = Context(args)
+    tag = "tiny_" if args.tiny else ""
+    name = f"results_{tag}{args.dataset}_{'-'.join(args.parts)}"
+    _PARTIAL[:] = [os.path.join(args.out, name + ".partial.jsonl")]
     results: list[dict] = []
     cache: dict = {}
     for part in PARTS:  # fixed order: main before nef reuses its priors
@@ -851,8 +861,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "rows": [{k: _clean(v) for k, v in r.items()} for r in results],
     }
-    tag = "tiny_" if args.tiny else ""
-    path = os.path.join(args.out, f"results_{tag}{args.dataset}_{'-'.join(args.parts)}.json")
+    path = os.path.join(args.out, name + ".json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print(tables(results))
