@@ -349,7 +349,7 @@ def _annealed_importance_sampling(
     prior, backbone, betas, num_chains, batch_size, t, generator, progress, mala_steps,
     step_size, target, pilot, keep,
 ) -> LogPartition:  # fmt: skip
-    energy = getattr(prior, "_forward", prior)
+    energy = prior  # the module call, as the samplers and losses use (hooks, overrides)
     dim = sum(math.prod(s) for s in backbone.latent_shapes)
     log_s0 = math.log(step_size if step_size is not None else min(1.0, 1.65 * dim ** (-1 / 6)))
     # per-temperature step sizes: fixed, or set by the pilot chains of the first batch
