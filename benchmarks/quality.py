@@ -42,10 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import metrics  # noqa: E402
-from ebm_prior import (  # noqa: E402
+from ebm_prior import (
     EpsLangevin,
     HierarchicalVAE,
     JointEBMPrior,
@@ -56,6 +53,13 @@ from ebm_prior import (  # noqa: E402
     log_partition,
     two_stage_loss,
 )
+from ebm_prior.apps import data as _data
+from ebm_prior.apps.images import save_grid as _save_grid
+
+if __package__:  # imported as benchmarks.quality (the tests, python -m benchmarks.quality)
+    from . import metrics
+else:  # run as a script: Python puts the script's folder on the path
+    import metrics
 
 PARTS = ("main", "scale", "nef", "anomaly", "fig1")
 DATASETS = ("digits", "mnist", "fashion-mnist")
@@ -184,9 +188,6 @@ def load_data(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         out = dict(train=x[tr], train_gray=x[tr], train_y=y[tr])
         out.update(test=x[te], test_gray=x[te], test_y=y[te])
     else:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
-        import _data
-
         out = {}
         for split in ("train", "test"):
             x = _data.load_images(args.dataset, split, args.data_root, args.download)
@@ -655,11 +656,8 @@ def _plt():
 def save_grid(x: torch.Tensor, path: str, title: str) -> None:
     r"""Writes the largest square grid of images in [0, 1] that ``x`` fills, as a PNG."""
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
-    from _images import save_grid as grid
-
     n = int(math.sqrt(len(x)))
-    grid(path, x[: n * n], nrow=n, title=title)
+    _save_grid(path, x[: n * n], nrow=n, title=title)
 
 
 def langevin_figure(vae, prior, args, path: str, seed: int, rows: int = 8) -> None:

@@ -11,11 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from test_trainer import make  # noqa: E402
+from test_trainer import make  # the script's own folder is on the path
 
 
 def release(out: str) -> None:

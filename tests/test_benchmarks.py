@@ -1,11 +1,6 @@
 """The Langevin benchmark runs at a tiny size (the pipeline, not the numbers)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import langevin  # noqa: E402
+from benchmarks import langevin
 
 
 def test_langevin_benchmark_tiny(capsys):

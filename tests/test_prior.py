@@ -2,7 +2,6 @@
 
 import ast
 import inspect
-import sys
 from pathlib import Path
 
 import pytest
@@ -208,10 +207,12 @@ def test_sampler_config_keys_are_eps_langevin_arguments():
 
 
 def _sampler_configs_in_scripts():
-    r"""Every literal ``sampler_config={...}`` dict in examples/ and benchmarks/."""
+    r"""Every literal ``sampler_config={...}`` dict in the applications, examples/ and
+    benchmarks/."""
 
     found = []
-    for path in sorted([*ROOT.glob("examples/*.py"), *ROOT.glob("benchmarks/*.py")]):
+    scripts = ("ebm_prior/apps/*.py", "examples/*.py", "benchmarks/*.py")
+    for path in sorted(p for pattern in scripts for p in ROOT.glob(pattern)):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.keyword) and node.arg == "sampler_config":
                 assert isinstance(node.value, ast.Dict), f"{path.name}: not a dict literal"
@@ -223,8 +224,7 @@ def _sampler_configs_in_scripts():
 
 def test_examples_write_valid_sampler_configs():
     # the NVAE example's prior, built exactly as it builds it, drives EpsLangevin as recorded
-    sys.path.insert(0, str(ROOT / "examples"))
-    import finetune_nvae
+    from ebm_prior.apps import finetune_nvae
 
     args = finetune_nvae.parse_args(["--checkpoint", "unused.pt", "--data", "cifar10"])
     backbone = _Spatial()

@@ -3,16 +3,13 @@
 import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import metrics, quality  # noqa: E402
+from benchmarks import metrics, quality
+from ebm_prior.apps import data as _data
 
 
 def test_quality_tiny_digits_all_parts(tmp_path, capsys):
@@ -200,9 +197,6 @@ def test_metrics_docstring_examples():
 
 
 def test_load_labels_line_up_with_images():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    import _data
-
     for name in ("fashion-mnist", "mnist"):
         try:
             x = _data.load_images(name, "test")

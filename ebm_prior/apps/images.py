@@ -1,4 +1,4 @@
-r"""Image datasets for the NVAE examples: torchvision datasets, an image folder, or an ``.npz``.
+r"""Images for the NVAE applications: torchvision datasets, an image folder, or an ``.npz``.
 
 :func:`load_images` returns a float tensor with shape :math:`(N, C, H, W)` in :math:`[0, 1]`;
 :func:`fit_to` brings it to a backbone's input shape the way NVAE's loaders do (MNIST-like
@@ -7,12 +7,14 @@ r"""Image datasets for the NVAE examples: torchvision datasets, an image folder,
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ebm_prior.apps._common import require
 from ebm_prior.hub import atomic_write
 
 #: torchvision dataset names accepted by :func:`load_images`
@@ -61,11 +63,26 @@ def load_images(
     return x[:limit] if limit is not None else x
 
 
+def image_source(text: str) -> str:
+    r"""An argument type: a dataset name of :func:`load_images`, an existing ``.npz`` file or an
+    existing folder (checked before anything is loaded)."""
+
+    if text in TORCHVISION:
+        return text
+    if text.endswith(".npz"):
+        if not os.path.isfile(text):
+            raise argparse.ArgumentTypeError(f"no such .npz file: {text!r}")
+        return text
+    if os.path.isdir(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a dataset name ({', '.join(TORCHVISION)}), an existing .npz file, "
+        "nor a folder of images"
+    )
+
+
 def _torchvision(name: str, root: str, split: str, download: bool, limit: int | None):
-    try:
-        import torchvision.datasets as tvd
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"loading {name!r} needs torchvision: pip install torchvision") from e
+    tvd = require("torchvision.datasets", "nvae", f"loading {name!r}")
     cls = getattr(tvd, TORCHVISION[name])
     if name in ("svhn", "celeba"):
         ds = cls(root, split=split if name == "svhn" else {"test": "test"}.get(split, "train"),
@@ -119,10 +136,7 @@ def _pil_to_tensor(img) -> torch.Tensor:
 
 
 def _folder(path: str, limit: int | None) -> torch.Tensor:
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading an image folder needs Pillow: pip install pillow") from e
+    Image = require("PIL.Image", "nvae", "reading an image folder")
     files = sorted(
         os.path.join(d, f)
         for d, _, names in os.walk(path)
@@ -176,13 +190,9 @@ def save_npz(path: str, images: torch.Tensor) -> None:
 def save_grid(path: str, images: torch.Tensor, nrow: int | None = None, title: str = "") -> None:
     r"""Writes a PNG grid of images :math:`(N, C, H, W)` in [0, 1] (needs matplotlib)."""
 
-    try:
-        import matplotlib
+    require("matplotlib", "examples", "sample grids").use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError('sample grids need matplotlib: pip install "ebm-prior[examples]"') from e
     x = images.detach().cpu().clamp(0, 1).float()
     n, c, h, w = x.shape
     nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))

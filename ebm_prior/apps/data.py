@@ -1,4 +1,4 @@
-r"""Datasets for the OOD examples: Fashion-MNIST, MNIST, CIFAR-10 and SVHN, offline or torchvision.
+r"""Data sets for ``ebm-prior ood``: Fashion-MNIST, MNIST, CIFAR-10, SVHN; offline or torchvision.
 
 Sources, tried in order:
 
@@ -93,7 +93,8 @@ def _torchvision(
         import torchvision
     except ImportError as e:
         raise RuntimeError(
-            f"{name} is not available offline here and torchvision is not installed"
+            f"{name} is not available offline here and torchvision is not installed "
+            "(pip install torchvision)"
         ) from e
     cls = {
         "fashion-mnist": torchvision.datasets.FashionMNIST,
