@@ -117,6 +117,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1000,
         help="chains of the AIS estimate of log Z recorded next to the IS one",
     )
+    g.add_argument("--ais-temperatures", type=int, default=500, help="AIS temperatures")
     g.add_argument("--classifier-epochs", type=int, help="epochs of the feature classifier")
     g.add_argument("--anomaly-classes", default="1,4,5,7,9")
     g.add_argument("--anomaly-train-size", type=int, help="training images before removal")

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -207,3 +208,16 @@ def test_load_labels_line_up_with_images():
         assert set(y.unique().tolist()) == set(range(10))
     with pytest.raises(ValueError, match="unknown dataset"):
         _data.load_labels("imagenet")
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_every_setting_is_defined_at_full_and_tiny_budget(tiny):
+    """Settings read by the runners exist outside --tiny too (a full run must not die late)."""
+
+    args = quality.parse_args(["--dataset", "mnist", *(["--tiny"] if tiny else [])])
+    for name in ("ais_chains", "ais_temperatures", "log_z_samples", "iw_samples", "eval_steps"):
+        assert getattr(args, name) is not None, name
+    source = open(quality.__file__).read()
+    used = set(re.findall(r"\ba\.([a-z_]+)", source)) | set(re.findall(r"args\.([a-z_]+)", source))
+    missing = sorted(n for n in used if not hasattr(args, n) and n not in {"split"})
+    assert not missing, missing
