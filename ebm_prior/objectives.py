@@ -4,21 +4,27 @@ from __future__ import annotations
 
 __all__ = [
     "EBMLoss",
+    "GeneratorLoss",
     "JointLoss",
+    "MLELoss",
     "PriorLoss",
     "backbone_prior_loss",
     "ebm_loss",
+    "generator_loss",
     "joint_loss",
+    "mle_loss",
+    "sample_posterior",
     "two_stage_loss",
 ]
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .backbone import Backbone, Posterior
+from .sample import LangevinResult, PosteriorLangevin
 
 Energy = Callable[[list[Tensor]], Tensor]
 
@@ -62,6 +68,38 @@ class JointLoss(NamedTuple):
     log_likelihood: Tensor
     f_pos: Tensor
     f_neg: Tensor
+    log_p_neg: Tensor
+
+
+class GeneratorLoss(NamedTuple):
+    r"""Generator (decoder) loss of maximum-likelihood learning and its diagnostic (scalars).
+
+    Attributes:
+        loss: :math:`-\overline{\log p(x \mid \mathrm{sg}\,z^+)}`.
+        log_likelihood: Mean :math:`\log p(x \mid z^+)`.
+    """
+
+    loss: Tensor
+    log_likelihood: Tensor
+
+
+class MLELoss(NamedTuple):
+    r"""Maximum-likelihood objective (supplement 1.1) and its diagnostics (all scalars).
+
+    Attributes:
+        loss: The objective to minimise (see :func:`mle_loss`).
+        log_likelihood: Mean :math:`\log p(x \mid z^+)`.
+        f_pos: Mean :math:`f_a(z^+)` on posterior samples (0 without an energy).
+        f_neg: Mean :math:`f_a(z^-)` on prior samples (0 without an energy).
+        log_p_pos: Mean :math:`\log p_b(z^+)`.
+        log_p_neg: Mean :math:`\log p_b(z^-)`.
+    """
+
+    loss: Tensor
+    log_likelihood: Tensor
+    f_pos: Tensor
+    f_neg: Tensor
+    log_p_pos: Tensor
     log_p_neg: Tensor
 
 
@@ -180,3 +218,133 @@ def two_stage_loss(
     with torch.no_grad():
         z_pos = backbone.posterior(x).z
     return ebm_loss(prior, z_pos, z_neg, reg)
+
+
+def sample_posterior(
+    prior: Energy | None,
+    backbone: Backbone,
+    x: Tensor,
+    z: Sequence[Tensor] | None = None,
+    *,
+    steps: int = 40,
+    step_size: float = 0.1,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> LangevinResult:
+    r"""Draws the positives of maximum-likelihood learning: short-run z-space Langevin on the
+    posterior under the EBM prior,
+
+    .. math:: \log \pi(z \mid x) = \log p(x \mid z) + f_a(z) + \log p_b(z) + c,
+
+    started from :math:`z \sim \mathcal{N}(0, I)` (every group), or from ``z`` (persistent
+    chains). No encoder is used: ``backbone.posterior`` is never called. The defaults are the
+    authors' 2-layer settings (40 steps, :math:`s = 0.1`, the noise standard deviation). As with
+    every sampler, no parameter ``.grad`` is created or changed.
+
+    Arguments:
+        prior: The energy :math:`f_a`, or ``None`` for the Gaussian-prior posterior.
+        backbone: The backbone giving :math:`p(x \mid z)` and :math:`p_b`.
+        x: Observations, with shape :math:`(B, *)`.
+        z: Starting state, one tensor per group; ``None`` draws :math:`\mathcal{N}(0, I)` with
+            ``generator``.
+        steps: Langevin steps.
+        step_size: The step size :math:`s`.
+        generator: A :class:`torch.Generator` for the starting state and the noise.
+        kwargs: Further options of :class:`~ebm_prior.PosteriorLangevin` (``mala``,
+            ``clip_grad``, ``on_nonfinite``, ``trace``, ...).
+
+    Returns:
+        The :class:`~ebm_prior.LangevinResult`; its ``z`` are the positives :math:`z^+`.
+    """
+
+    if z is None:
+        z = backbone.sample_eps(x.shape[0], generator=generator, device=x.device)
+    sampler = PosteriorLangevin(
+        prior, backbone, x, steps=steps, step_size=step_size, generator=generator, **kwargs
+    )
+    return sampler(z)
+
+
+def generator_loss(backbone: Backbone, x: Tensor, z_pos: Sequence[Tensor]) -> GeneratorLoss:
+    r"""Returns the generator loss of maximum-likelihood learning.
+
+    .. math:: \mathcal{L}_\theta = -\mathbb{E}_{z^+}\big[
+              \log p_\theta(x \mid \mathrm{sg}\,z^+)\big]
+
+    With :math:`z^+ \sim p(z \mid x)` its gradient is :math:`-\nabla_\theta \log p(x)` for the
+    decoder's parameters :math:`\theta` (Fisher's identity). The positives are detached.
+
+    Arguments:
+        backbone: The backbone whose decoder :math:`p_\theta(x \mid z)` is learned.
+        x: Data batch, with shape :math:`(B, *)`.
+        z_pos: Posterior samples (e.g. :func:`sample_posterior`), one tensor per group.
+    """
+
+    ll = backbone.log_likelihood(x, _detach(z_pos)).mean()
+    return GeneratorLoss(-ll, ll.detach())
+
+
+def mle_loss(
+    prior: Energy | None,
+    backbone: Backbone,
+    x: Tensor,
+    z_pos: Sequence[Tensor],
+    z_neg: Sequence[Tensor],
+    reg: float = 0.0,
+) -> MLELoss:
+    r"""Returns the maximum-likelihood objective of supplement 1.1 (no encoder).
+
+    .. math:: \mathcal{L} = -\mathbb{E}_{z^+}[\log p_\theta(x \mid \mathrm{sg}\,z^+)]
+              + \underbrace{\mathbb{E}_{z^-}[f_a(\mathrm{sg}\,z^-)]
+              - \mathbb{E}_{z^+}[f_a(\mathrm{sg}\,z^+)]}_{\text{Eq. 5}}
+              + \underbrace{\mathbb{E}_{z^-}[\log p_b(\mathrm{sg}\,z^-)]
+              - \mathbb{E}_{z^+}[\log p_b(\mathrm{sg}\,z^+)]}_{\text{Eq. 6}}
+
+    the sum of :func:`generator_loss`, :func:`ebm_loss` and :func:`backbone_prior_loss`, all on
+    detached samples. With :math:`z^+ \sim p_{\theta,a,b}(z \mid x)` and
+    :math:`z^- \sim p_{a,b}(z)` its gradient is :math:`-\nabla \log p(x)` for every parameter
+    (decoder :math:`\theta`, energy :math:`a`, backbone prior :math:`b`), since
+    :math:`\nabla \log p(x) = \mathbb{E}_{p(z|x)}[\nabla \log p(x|z) + \nabla f_a + \nabla
+    \log p_b] - \nabla \log Z(a, b)` and
+    :math:`\nabla \log Z = \mathbb{E}_{p_{a,b}}[\nabla f_a + \nabla \log p_b]`; so it is also
+    right when the decoder and the prior share parameters. Which parameters learn, and at what
+    rate, is the optimizer's business (the authors: Adam, :math:`2 \cdot 10^{-5}` for the
+    energy, :math:`10^{-4}` for the generator and the backbone prior).
+
+    Arguments:
+        prior: The energy :math:`f_a`, or ``None`` (a Gaussian prior; no Eq. 5 term).
+        backbone: The backbone.
+        x: Data batch, with shape :math:`(B, *)`.
+        z_pos: Posterior samples, e.g. ``sample_posterior(prior, backbone, x).z``.
+        z_neg: Prior samples, e.g. from :class:`~ebm_prior.EpsLangevin` (or, without an
+            energy, :math:`T_b(\epsilon)` with :math:`\epsilon \sim \mathcal{N}(0, I)`).
+        reg: L2 penalty :math:`\lambda` on the energy values, as in :func:`ebm_loss`.
+
+    Example:
+        >>> from ebm_prior import EpsLangevin, HierarchicalVAE, JointEBMPrior
+        >>> vae = HierarchicalVAE.from_config("digits")
+        >>> prior = JointEBMPrior(vae.latent_shapes, nef=16)
+        >>> optimizer = torch.optim.Adam([
+        ...     {"params": prior.parameters(), "lr": 2e-5},
+        ...     {"params": vae.decoder.parameters(), "lr": 1e-4},
+        ...     {"params": vae.prior_nets.parameters(), "lr": 1e-4},
+        ... ])
+        >>> x = torch.rand(16, 1, 8, 8).round()
+        >>> z_pos = sample_posterior(prior, vae, x, steps=5).z
+        >>> z_neg = EpsLangevin(prior, vae, step_size=0.4, steps=5)(vae.sample_eps(16)).z
+        >>> out = mle_loss(prior, vae, x, z_pos, z_neg)
+        >>> optimizer.zero_grad(); out.loss.backward(); optimizer.step()
+        >>> out.log_likelihood.shape
+        torch.Size([])
+    """
+
+    z_pos, z_neg = _detach(z_pos), _detach(z_neg)
+    gen = generator_loss(backbone, x, z_pos)
+    b = backbone_prior_loss(backbone, z_pos, z_neg)
+    loss = gen.loss + b.loss
+    if prior is not None:
+        a = ebm_loss(prior, z_pos, z_neg, reg=reg)
+        loss, f_pos, f_neg = loss + a.loss, a.f_pos, a.f_neg
+    else:
+        f_pos = f_neg = torch.zeros((), device=x.device, dtype=gen.log_likelihood.dtype)
+    return MLELoss(loss, gen.log_likelihood, f_pos, f_neg, b.log_p_pos, b.log_p_neg)
