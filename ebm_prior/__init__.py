@@ -45,7 +45,7 @@ from .sample import (
     LangevinResult,
     PosteriorLangevin,
 )
-from .trainer import TrainingDivergenceError, TwoStageTrainer
+from .trainer import Trainer, TrainingDivergenceError, TwoStageTrainer
 
 __all__ = [
     "ood_metrics",
@@ -93,6 +93,7 @@ __all__ = [
     "MLPEnergy",
     "Posterior",
     "PosteriorLangevin",
+    "Trainer",
     "TrainingDivergenceError",
     "TwoStageTrainer",
     "__version__",

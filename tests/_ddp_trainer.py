@@ -1,9 +1,11 @@
-"""Worker for the DDP tests: ``torchrun --nproc_per_node N tests/_ddp_trainer.py OUT CHUNK``.
+"""Worker for the DDP tests: ``torchrun --nproc_per_node N tests/_ddp_trainer.py OUT CHUNK V...``.
 
-Trains the digits prior for 3 steps (gloo, CPU) and has rank 0 save the prior's state to OUT.
-With CHUNK ``release`` it instead runs 200 of the trainer's collectives and has rank 0 save,
-for each, whether the tensors' reference counts were back to their value before the collective
-when it returned (that is, gloo's worker threads no longer held them).
+Trains the digits model for 3 steps in each variant ``V`` of ``test_trainer.VARIANTS`` (gloo,
+CPU) and has rank 0 save, per variant, every trained tensor (energy, backbone groups, persistent
+chains) and the history to OUT. With CHUNK ``release`` it instead runs 200 of the trainer's
+collectives and has rank 0 save, for each, whether the tensors' reference counts were back to
+their value before the collective when it returned (that is, gloo's worker threads no longer
+held them).
 """
 
 import os
@@ -11,7 +13,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from test_trainer import make  # the script's own folder is on the path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_trainer import make, trained  # noqa: E402
 
 
 def release(out: str) -> None:
@@ -33,15 +39,18 @@ def release(out: str) -> None:
 def main() -> None:
     if sys.argv[2] == "release":
         return release(sys.argv[1])
-    out, chunk = sys.argv[1], int(sys.argv[2])
+    out, chunk, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     torch.set_num_threads(1)
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("gloo")
-    trainer = make(chunk_size=chunk, progress=False)
-    trainer.fit(3)
-    if trainer.rank == 0:
-        torch.save({"prior": trainer.prior.state_dict(), "history": trainer.history}, out)
+    results = {}
+    for variant in variants:
+        trainer = make(variant, chunk_size=chunk, progress=False)
+        trainer.fit(3)
+        results[variant] = {"trained": trained(trainer), "history": trainer.history}
+    if not distributed or dist.get_rank() == 0:
+        torch.save(results, out)
     if distributed:
         dist.destroy_process_group()
 
