@@ -25,7 +25,7 @@ NVAE checkpoint's fingerprint and the test-time Langevin settings), ``samples.np
 optionally the FID against the training images (``--fid-samples``: 8-bit images, the
 Inception network of ``ebm-prior[fid]`` or torch-fidelity; ``ebm_prior.apps.fid``), and
 pushes the prior with ``--push-to-hub REPO``. Step size ``s`` is the noise scale of
-``eps += s^2/2 grad + s noise``; the authors' ``delta`` is ``s^2`` (docs/nvae.md).
+``eps += s^2/2 grad + s noise``; the authors' NVAE code's ``delta`` is ``s^2`` (docs/nvae.md).
 """
 
 from __future__ import annotations
