@@ -13,8 +13,8 @@ The prior is checked against the NVAE checkpoint (group shapes, adapter, checkpo
 before sampling. Writes ``samples.npz`` (uint8 images, array ``x``), ``samples.png`` and, with
 ``--transitions``, ``transitions.png`` (decoded snapshots along the chains, supp. Fig. 7/9).
 Step size ``s`` is the noise scale of ``eps += s^2/2 grad + s noise``; the authors' NVAE code's
-``delta`` is ``s^2`` (docs/nvae.md). The grids need ``ebm-prior[examples]``; ``python examples/sample_nvae.py``
-runs the same.
+``delta`` is ``s^2`` (docs/nvae.md). The grids need ``ebm-prior[examples]``;
+``python examples/sample_nvae.py`` runs the same.
 """
 
 from __future__ import annotations
