@@ -28,6 +28,7 @@ from .objectives import (
 from .ood import (
     OODMetrics,
     OODScore,
+    PairedInterval,
     auprc,
     auroc,
     fpr_at_tpr,
@@ -35,6 +36,7 @@ from .ood import (
     llr_score,
     log_joint_score,
     ood_metrics,
+    paired_auroc_difference,
 )
 from .prior import ConvEnergy, JointEBMPrior, MLPEnergy
 from .reference import CONFIGS, HierarchicalVAE
@@ -49,6 +51,8 @@ from .trainer import Trainer, TrainingDivergenceError, TwoStageTrainer
 
 __all__ = [
     "ood_metrics",
+    "paired_auroc_difference",
+    "PairedInterval",
     "llr_score",
     "log_joint_score",
     "hierarchical_bound",

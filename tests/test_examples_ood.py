@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,15 @@ def test_ood_example_reference_tiny(tmp_path, capsys, fake_data, lower):
     # the OOD images (the wrong half on) get a lower likelihood: -L>0 ranks them first under
     # both priors (a negated score would give an AUROC near 0 and fail)
     assert rows[0]["auroc"] > 0.95 and rows[2]["auroc"] > 0.95
+    # the EBM rows carry the paired AUROC difference to the Gaussian row of the same k
+    for gauss, ebm in zip(rows[:2], rows[2:]):
+        assert ebm["d_auroc"] == pytest.approx(ebm["auroc"] - gauss["auroc"])
+        assert ebm["d_auroc_low"] <= ebm["d_auroc"] <= ebm["d_auroc_high"]
+    saved = np.load(out["scores"])
+    keys = [f"{part}_{prior}_L{k}" for part in ("in", "out") for prior in ("ebm", "gauss")
+            for k in (0, 1)]  # fmt: skip
+    assert sorted(saved) == keys
+    assert saved["in_gauss_L0"].shape == (20,)
     assert Path(out["histogram"]).stat().st_size > 1000
 
 

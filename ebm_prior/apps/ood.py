@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -44,7 +45,7 @@ from ebm_prior.apps._common import (
     require,
 )
 from ebm_prior.apps.train_digits import fit_two_stage
-from ebm_prior.ood import hierarchical_bound, ood_metrics
+from ebm_prior.ood import hierarchical_bound, ood_metrics, paired_auroc_difference
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -94,7 +95,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", default="data", help="torchvision data folder")
     p.add_argument("--download", action="store_true", help="let torchvision download data")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=output_dir, default="runs/ood", help="output folder (histograms)")
+    p.add_argument(
+        "--out", type=output_dir, default="runs/ood", help="output folder (scores, histograms)"
+    )
     p.add_argument("--no-plot", action="store_true")
     return p.parse_args(argv)
 
@@ -209,29 +212,51 @@ def scores(backbone: GroupwiseBackbone, prior: JointEBMPrior, x: torch.Tensor, a
     return out
 
 
-def table(s_in: dict, s_out: dict, n: int) -> list[dict]:
+def _score(s: dict, prior: str, k: int) -> torch.Tensor:
+    r"""The detection score, higher = more OOD: :math:`-L^{>0}`, or :math:`LLR^{>k}`."""
+
+    return -s[(prior, 0)] if k == 0 else s[(prior, 0)] - s[(prior, k)]
+
+
+def table(s_in: dict, s_out: dict, n: int, resamples: int = 2000) -> list[dict]:
+    r"""One row per prior and ``k``; the EBM rows carry the paired difference of AUROC to the
+    Gaussian row of the same ``k`` (same test images) with a 95% bootstrap interval."""
+
     rows = []
     for prior in ("gauss", "ebm"):
         for k in range(n):
-            name = "L>k" if k == 0 else "LLR>k"
-            if k == 0:  # low likelihood = OOD
-                a, b = -s_in[(prior, 0)], -s_out[(prior, 0)]
-            else:
-                a = s_in[(prior, 0)] - s_in[(prior, k)]
-                b = s_out[(prior, 0)] - s_out[(prior, k)]
-            m = ood_metrics(a, b)
+            a, b = _score(s_in, prior, k), _score(s_out, prior, k)
             label = "Gaussian prior" if prior == "gauss" else "EBM prior"
-            rows.append(dict(prior=label, k=k, score=name, **m._asdict()))
+            score = "L>k" if k == 0 else "LLR>k"
+            row = dict(prior=label, k=k, score=score, **ood_metrics(a, b)._asdict())
+            if prior == "ebm":
+                gauss = (_score(s_in, "gauss", k), _score(s_out, "gauss", k))
+                ci = paired_auroc_difference(gauss, (a, b), resamples=resamples, seed=k)
+                row.update(d_auroc=ci.difference, d_auroc_low=ci.low, d_auroc_high=ci.high)
+            rows.append(row)
     return rows
 
 
 def print_table(rows: list[dict], title: str) -> None:
     print(f"\n{title}\n")
-    print(f"| {'prior':<32} | k | {'score':<5} | AUROC | AUPRC | FPR80 |")
-    print(f"|{'-' * 34}|---|{'-' * 7}|-------|-------|-------|")
+    print(
+        f"| {'prior':<16} | k | {'score':<5} | AUROC | AUPRC | FPR80 | AUROC - Gaussian [95% CI] |"
+    )
+    print(f"|{'-' * 18}|---|{'-' * 7}|-------|-------|-------|---------------------------|")
     for r in rows:
-        print(f"| {r['prior']:<32} | {r['k']} | {r['score']:<5} | {r['auroc']:.3f} | "
-              f"{r['auprc']:.3f} | {r['fpr80']:.3f} |")  # fmt: skip
+        diff = "-"
+        if "d_auroc" in r:
+            diff = f"{r['d_auroc']:+.3f} [{r['d_auroc_low']:+.3f}, {r['d_auroc_high']:+.3f}]"
+        print(f"| {r['prior']:<16} | {r['k']} | {r['score']:<5} | {r['auroc']:.3f} | "
+              f"{r['auprc']:.3f} | {r['fpr80']:.3f} | {diff:<25} |")  # fmt: skip
+
+
+def save_scores(s_in: dict, s_out: dict, path: str) -> None:
+    r"""Writes every :math:`L^{>k}` of both priors and both test sets to an ``.npz`` file."""
+
+    arrays = {f"{part}_{prior}_L{k}": s[(prior, k)].numpy()
+              for part, s in (("in", s_in), ("out", s_out)) for prior, k in s}  # fmt: skip
+    np.savez_compressed(path, **arrays)
 
 
 def histograms(s_in: dict, s_out: dict, n: int, args) -> str:
@@ -299,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"({args.samples} importance samples, {estimator})",
     )
     out = {"rows": rows, "seconds": time.time() - start}
+    os.makedirs(args.out, exist_ok=True)
+    out["scores"] = os.path.join(args.out, f"scores_{args.in_dist}_vs_{args.out_dist}.npz")
+    save_scores(s_in, s_out, out["scores"])
+    print(f"\nscores: {out['scores']}")
     if not args.no_plot:
         out["histogram"] = histograms(s_in, s_out, n, args)
         print(f"\nhistograms: {out['histogram']}")
