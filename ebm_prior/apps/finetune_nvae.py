@@ -159,9 +159,12 @@ def build_prior(backbone: NVAEBackbone, args: argparse.Namespace) -> JointEBMPri
         nef=args.nef,
         channels=args.channels,
         num_layers=[energy_layers(s) for s in backbone.latent_shapes],
+        # the chain the prior is trained with (what the OOD scores' chains reuse); the longer
+        # test-time chain is an option of the sampling commands
         sampler_config={
-            "step_size": args.step_size, "steps": args.test_langevin_steps, "t": args.t,
+            "step_size": args.step_size, "steps": args.langevin_steps, "t": args.t,
             "target": args.target, "mala": args.mala,
+            **({"clip_grad": args.clip_grad} if args.clip_grad is not None else {}),
         },
         backbone=backbone.fingerprint(),
     )  # fmt: skip
