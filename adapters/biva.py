@@ -155,7 +155,7 @@ class BIVABackbone(Backbone):
 
     Arguments:
         model: An initialised ``DeepVae`` (see :func:`data_dependent_init`).
-        likelihood: How to read the decoder output (above).
+        likelihood: How to read the decoder output (above); sets :attr:`data_range`.
         checkpoint_hash: Hash of the checkpoint the weights came from, when known.
 
     Example:
@@ -227,6 +227,7 @@ class BIVABackbone(Backbone):
                 f"likelihood must be 'bernoulli' or 'discretized_logistic', got {likelihood!r}"
             )
         self.likelihood = likelihood
+        self.data_range = (0.0, 1.0) if likelihood == "bernoulli" else (-1.0, 1.0)
         self.checkpoint_hash = checkpoint_hash
 
     # -- construction -------------------------------------------------------------------------

@@ -377,6 +377,9 @@ class NVAEBackbone(Backbone):
     """
 
     adapter_name = "nvae"
+    #: NVAE's data loaders give images in [0, 1] (``ToTensor``), where ``utils.pre_process``
+    #: quantises them.
+    data_range = (0.0, 1.0)
 
     def __init__(
         self,

@@ -197,6 +197,9 @@ class OODDBackbone(GroupwiseBackbone):
     learned), read from its own top-down pass. :math:`\log p(x \mid z)` and :meth:`decode` use
     the model's likelihood module (``likelihood_data.likelihood`` and ``.mean``), on data in the
     package's own scaling (binarised in :math:`\{0, 1\}`, or :math:`[0, 1]`).
+    :attr:`data_range` is :math:`[0, 1]` for the likelihoods whose code fixes it (Bernoulli,
+    Beta, and the discretised logistics, which map :math:`[0, 1]` to :math:`[-1, 1]`
+    themselves), ``None`` (unchecked) for the Gaussian ones.
 
     Arguments:
         model: An initialised ``DeepVAE`` (see :func:`data_dependent_init`, or
@@ -234,6 +237,9 @@ class OODDBackbone(GroupwiseBackbone):
             tuple(int(d) for d in layer.out_shape) for _, layer, _ in self._layers
         )
         self._x_shape = tuple(int(d) for d in model.input_shape)
+        unit = ("Bernoulli", "Beta", "DiscretizedLogistic")
+        if type(model.likelihood).__name__.startswith(unit):
+            self.data_range = (0.0, 1.0)
         self.checkpoint_hash = checkpoint_hash
 
     @classmethod

@@ -50,6 +50,10 @@ class Backbone(nn.Module, abc.ABC):
     adapter_name: str = "custom"
     #: Hash of the checkpoint the backbone was loaded from, when known.
     checkpoint_hash: str | None = None
+    #: The range ``(low, high)`` of the data ``x`` the backbone's encoder and likelihood expect
+    #: (e.g. ``(0, 1)`` for a Bernoulli likelihood), or ``None`` (unchecked). The trainer
+    #: refuses data outside it, integer data, and non-finite values.
+    data_range: tuple[float, float] | None = None
 
     # -- to implement -------------------------------------------------------------------------
 

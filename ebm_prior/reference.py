@@ -122,7 +122,7 @@ class HierarchicalVAE(
         num_layers: Hidden layers of every MLP.
         net: ``"mlp"`` or ``"conv"`` encoder/decoder for :math:`x`.
         likelihood: ``"bernoulli"`` (data in [0, 1], logits decoder) or ``"gaussian"``
-            (fixed standard deviation ``sigma_x``).
+            (fixed standard deviation ``sigma_x``, data in [-1, 1]); sets :attr:`data_range`.
         sigma_x: Standard deviation of the Gaussian likelihood.
         channels: Base channel count of the conv encoder/decoder.
 
@@ -158,6 +158,7 @@ class HierarchicalVAE(
         self.x_shape = tuple(int(s) for s in x_shape)
         self.latent_dims = tuple(int(d) for d in latent_dims)
         self.likelihood = likelihood
+        self.data_range = (0.0, 1.0) if likelihood == "bernoulli" else (-1.0, 1.0)
         self.sigma_x = float(sigma_x)
         self.config = dict(
             x_shape=self.x_shape, latent_dims=self.latent_dims, hidden=hidden,
