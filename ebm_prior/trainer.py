@@ -15,7 +15,9 @@ Reproducibility is by construction:
 * step :math:`k` uses the global batch of indices ``k * batch_size`` to
   ``(k + 1) * batch_size`` of a stream of permutations, one per epoch, each drawn from a
   generator seeded by ``(seed, epoch)`` (the last partial batch of an epoch is dropped);
-* the global batch is split into chunks of ``chunk_size`` (gradient accumulation); chunk
+* the global batch is split into chunks of ``chunk_size`` (gradient accumulation), each fetched
+  by a :class:`~torch.utils.data.DataLoader` whose batch sampler yields the chunks of this
+  process only (optionally in ``num_workers`` worker processes); chunk
   :math:`c` of step :math:`k` draws all its randomness (the posterior sample or posterior
   Langevin noise, the prior Langevin noise) from seeds derived from ``(seed, k, c)``;
   persistent posterior chains start from a draw seeded by ``seed`` and are saved in the
@@ -32,15 +34,22 @@ recipe: it decides which random streams the examples share, so changing it chang
 
 from __future__ import annotations
 
-__all__ = ["Trainer", "TrainingDivergenceError", "TwoStageTrainer"]
+__all__ = ["Trainer", "TrainingDivergenceError", "TwoStageTrainer", "plot_history", "read_history"]
+
+import contextlib
+import csv
 import functools
 import hashlib
+import importlib.util
+import io
+import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,16 +59,22 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
-from .hub import atomic_write
+from .hub import _new_temp_file, atomic_write
 from .objectives import backbone_prior_loss, ebm_loss, joint_loss, mle_loss, sample_posterior
 from .prior import JointEBMPrior
 from .sample import EpsLangevin, LangevinDivergenceError
 
 CHECKPOINT_NAME = "trainer.pt"
 CHECKPOINT_FORMAT = 1
+HISTORY_NAME = "history.csv"
+FIGURE_NAME = "history.png"
+#: Temporary files of :func:`~ebm_prior.hub.atomic_write` next to the trainer's files.
+_STALE = re.compile(r"\.(trainer\.pt|history\.csv|history\.png)\.[0-9a-f]{12}\.tmp")
 _PRIOR_KEYS = ("latent_shapes", "nef", "num_layers", "channels", "slope")
 REGIMES = ("mle", "joint", "two_stage")
 Regime = Literal["mle", "joint", "two_stage"]
+
+logger = logging.getLogger(__name__)
 
 #: Defaults of the options left as ``None``, per regime. ``"mle"``: the authors' 2-layer
 #: settings (hierarchical-joint-ebm, ``train_cifar10.py``); ``"joint"``: the same (no released
@@ -215,8 +230,10 @@ class Trainer:
         prior: The energy to train, a :class:`JointEBMPrior` (on the backbone's device);
             ``None`` only with ``regime="mle"``.
         backbone: The backbone.
-        data: A tensor :math:`(N, *)` or a map-style dataset whose items are ``x`` or tuples
-            whose first element is ``x``, in the range the backbone expects.
+        data: A floating-point tensor :math:`(N, *)` or a map-style dataset whose items are
+            ``x`` or tuples whose first element is ``x``, with finite values in the backbone's
+            :attr:`~ebm_prior.Backbone.data_range` (checked: a tensor at construction, every
+            chunk loaded on the CPU before its step; integer images are refused).
         regime: ``"mle"``, ``"joint"`` or ``"two_stage"``.
         batch_size: Global batch size :math:`B` per step (over all processes).
         chunk_size: Examples per forward/backward pass (gradient accumulation); divides
@@ -239,9 +256,17 @@ class Trainer:
             chains, :math:`N \times \dim z` values, live on the backbone's device and are saved
             in the checkpoint.
         seed: Seeds the data order and all sampling (see the module docstring).
-        checkpoint_dir: Directory of ``trainer.pt``, written atomically by rank 0.
+        num_workers: Worker processes of the :class:`~torch.utils.data.DataLoader` that
+            fetches each process's chunks (``0``: in the main process). A tensor on an
+            accelerator needs ``0``.
+        checkpoint_dir: Directory of ``trainer.pt`` (written atomically by rank 0),
+            ``history.csv`` (one row per step, appended as the steps run) and, with matplotlib
+            installed, ``history.png`` (:func:`plot_history`, at the end of :meth:`fit`). It is
+            created if needed and must be writable (checked at construction); temporary files
+            of an interrupted write are removed.
         checkpoint_every: Steps between checkpoints (and one at the end of :meth:`fit`).
-        progress: Show a tqdm progress bar on rank 0.
+        progress: Show a tqdm progress bar on rank 0: ``None`` (default) when standard error
+            is a terminal, ``True`` always, ``False`` never.
         on_step: Called on rank 0 after every step as ``on_step(trainer, stats)``.
 
     Example:
@@ -289,9 +314,10 @@ class Trainer:
         posterior_mala: bool = False,
         persistent: bool = False,
         seed: int = 0,
+        num_workers: int = 0,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1000,
-        progress: bool = True,
+        progress: bool | None = None,
         on_step: Callable[[Trainer, dict[str, float]], None] | None = None,
     ):
         if regime not in REGIMES:
@@ -332,6 +358,17 @@ class Trainer:
             raise ValueError(f"the data has {len(data)} examples, fewer than batch_size")
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if isinstance(data, Tensor):
+            if num_workers and data.device.type != "cpu":
+                raise ValueError(
+                    f"the data is on {data.device}, which worker processes cannot share: use "
+                    "num_workers=0, or keep the data on the CPU"
+                )
+            problem = _data_problem(data, backbone.data_range)
+            if problem is not None:
+                raise ValueError(_data_error(problem, None, backbone))
         defaults = DEFAULTS[regime]
         lr = float(defaults["lr"] if lr is None else lr)
         self.regime = regime
@@ -353,10 +390,11 @@ class Trainer:
                 mala=bool(posterior_mala),
             )  # fmt: skip
         self.persistent = bool(persistent)
-        self.checkpoint_path = (
-            None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-        )
+        folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_path = None if folder is None else folder / CHECKPOINT_NAME
+        self.history_path = None if folder is None else folder / HISTORY_NAME
         self.checkpoint_every = int(checkpoint_every)
+        self.num_workers = num_workers
         self.progress, self.on_step = progress, on_step
         self.rank, self.world_size = _world()
         self.device = backbone.device
@@ -444,6 +482,9 @@ class Trainer:
         }[regime]
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self._order: tuple[int, Tensor] | None = None  # (epoch, its permutation)
+        if folder is not None and self.rank == 0:
+            _prepare_folder(folder)
         self._broadcast_parameters()
 
     # -- data and randomness ---------------------------------------------------------------------
@@ -458,22 +499,30 @@ class Trainer:
         r"""Returns the global batch of step ``step`` as indices into the data, shape ``(B,)``."""
 
         epoch, k = divmod(step, self.steps_per_epoch)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
-        perm = torch.randperm(len(self.data), generator=gen)
-        return perm[k * self.batch_size : (k + 1) * self.batch_size]
-
-    def _fetch(self, idx: Tensor) -> Tensor:
-        if isinstance(self.data, Tensor):
-            x = self.data[idx]
-        else:
-            items = [self.data[int(i)] for i in idx]
-            items = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
-            x = torch.stack([torch.as_tensor(it) for it in items])
-        return x.to(self.device, self.backbone.dtype, non_blocking=True)
+        if self._order is None or self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
+            self._order = epoch, torch.randperm(len(self.data), generator=gen)
+        return self._order[1][k * self.batch_size : (k + 1) * self.batch_size]
 
     def _chunks(self) -> list[int]:
         n = self.batch_size // self.chunk_size
         return list(range(self.rank, n, self.world_size))
+
+    def _batches(self, start: int, stop: int) -> Iterator[tuple[Tensor, _Problem | None]]:
+        r"""Yields this process's chunks of steps ``start`` to ``stop - 1``, in order, as
+        ``(x, problem)``: ``x`` on the CPU (or where a tensor ``data`` lives) and the first
+        non-finite or out-of-range example of the chunk, if any (see :func:`_data_problem`)."""
+
+        on_cpu = not isinstance(self.data, Tensor) or self.data.device.type == "cpu"
+        loader = torch.utils.data.DataLoader(
+            _TensorItems(self.data) if isinstance(self.data, Tensor) else self.data,
+            batch_sampler=_ChunkSampler(self, start, stop),
+            num_workers=self.num_workers,
+            collate_fn=_Collate(on_cpu, self.backbone.data_range),
+            # worker seeds from a keyed generator: the global RNG is left alone
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, 5, start)),
+        )
+        yield from loader
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -549,12 +598,24 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         r"""Runs one optimisation step on the next global batch; returns its statistics
-        (means over the global batch, identical on every rank)."""
+        (means over the global batch, identical on every rank). (:meth:`fit` keeps one data
+        loader for all its steps; this method starts one for the step.)"""
 
+        with contextlib.closing(self._batches(self.step, self.step + 1)) as batches:
+            return self._train_step(batches)
+
+    def _train_step(self, batches: Iterator[tuple[Tensor, _Problem | None]]) -> dict[str, float]:
         t0 = time.perf_counter()
         step = self.step
         idx = self.batch_indices(step)
-        x_all = self._fetch(idx)
+        xs = {}  # every chunk of this process is loaded and checked before the step starts
+        for c in self._chunks():
+            x, problem = next(batches)
+            if problem is not None:
+                rows = idx[c * self.chunk_size : (c + 1) * self.chunk_size]
+                where = _data_error(problem, rows, self.backbone)
+                raise ValueError(f"step {step}, chunk {c}: {where}")
+            xs[c] = x.to(self.device, self.backbone.dtype, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=False)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for p in params:
@@ -563,9 +624,9 @@ class Trainer:
         stats = torch.zeros(len(self.stat_names), device=self.device, dtype=torch.float64)
         chains = [torch.zeros((self.batch_size, *z.shape[1:]), device=z.device, dtype=z.dtype)
                   for z in self.chains]  # fmt: skip
-        for c in self._chunks():
+        for c, x in xs.items():
             rows = slice(c * self.chunk_size, (c + 1) * self.chunk_size)
-            chunk_stats, z_new = self._chunk(step, c, x_all[rows], idx[rows])
+            chunk_stats, z_new = self._chunk(step, c, x, idx[rows])
             stats += chunk_stats
             for new, z in zip(chains, z_new or [], strict=False):
                 new[rows] = z
@@ -611,16 +672,30 @@ class Trainer:
     def fit(self, steps: int, resume: bool = True) -> list[dict[str, float]]:
         r"""Trains until ``self.step == steps`` (resuming from ``checkpoint_dir`` first when
         ``resume`` and a checkpoint exists); checkpoints every ``checkpoint_every`` steps and
-        at the end. Returns the statistics of every step run so far."""
+        at the end. Returns the statistics of every step run so far.
+
+        With a ``checkpoint_dir``, rank 0 rewrites ``history.csv`` from the history it starts
+        from (so a resumed run continues it without duplicate rows, and a row cut short by a
+        crash is dropped), appends one row per step, and draws ``history.png`` at the end when
+        matplotlib is installed. Resuming and writing are logged to the ``"ebm_prior"``
+        logger."""
 
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_checkpoint(self.checkpoint_path)
-        show = self.progress and self.rank == 0
+            if self.rank == 0:
+                logger.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        csv_path = self.history_path if self.rank == 0 else None
+        if csv_path is not None:
+            _write_history(csv_path, self._history_fields(), self.history)
+        disable = None if self.progress is None else not self.progress  # None: on a terminal
+        disable = True if self.rank != 0 else disable
         desc = {"mle": "MLE", "joint": "joint learning", "two_stage": "two-stage EBM prior"}
-        bar = tqdm(total=steps, initial=self.step, desc=desc[self.regime], disable=not show)
-        with bar:
+        bar = tqdm(total=steps, initial=self.step, desc=desc[self.regime], disable=disable)
+        with bar, contextlib.closing(self._batches(self.step, steps)) as batches:
             while self.step < steps:
-                stats = self.train_step()
+                stats = self._train_step(batches)
+                if csv_path is not None:
+                    _append_history(csv_path, self._history_fields(), stats)
                 bar.update(1)
                 shown = ("loss", "log_likelihood", "f_pos", "f_neg")
                 bar.set_postfix({k: f"{stats[k]:.3g}" for k in shown if k in stats})
@@ -630,7 +705,13 @@ class Trainer:
                     self.save_checkpoint()
         if self.checkpoint_path is not None and self.step % self.checkpoint_every:
             self.save_checkpoint()
+        if csv_path is not None and importlib.util.find_spec("matplotlib") is not None:
+            figure = plot_history(csv_path, csv_path.with_name(FIGURE_NAME))
+            logger.info("wrote %s", figure)
         return self.history
+
+    def _history_fields(self) -> list[str]:
+        return ["step", *self.stat_names, "grad_norm", "seconds"]
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -697,6 +778,7 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             state = self.state_dict()
             atomic_write(path, lambda tmp: torch.save(state, tmp))
+            logger.info("wrote checkpoint %s at step %d", path, self.step)
         if self.world_size > 1:
             dist.barrier()
         return path
@@ -760,9 +842,10 @@ class TwoStageTrainer(Trainer):
         backbone_prior_params: Iterable[nn.Parameter] | None = None,
         backbone_prior_lr: float | None = None,
         seed: int = 0,
+        num_workers: int = 0,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1000,
-        progress: bool = True,
+        progress: bool | None = None,
         on_step: Callable[[Trainer, dict[str, float]], None] | None = None,
     ):
         super().__init__(
@@ -770,8 +853,9 @@ class TwoStageTrainer(Trainer):
             chunk_size=chunk_size, lr=lr, betas=betas, weight_decay=weight_decay, reg=reg,
             langevin_steps=langevin_steps, step_size=step_size, t=t, target=target, mala=mala,
             clip_grad=clip_grad, backbone_prior_params=backbone_prior_params,
-            backbone_prior_lr=backbone_prior_lr, seed=seed, checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every, progress=progress, on_step=on_step,
+            backbone_prior_lr=backbone_prior_lr, seed=seed, num_workers=num_workers,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
+            on_step=on_step,
         )  # fmt: skip
 
 
@@ -786,3 +870,219 @@ def _diff(a: Any, b: Any, key: str = "") -> list[tuple[str, Any, Any]]:
     if isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-12):
         return []
     return [] if a == b else [(key, a, b)]
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+#: What is wrong with a batch: the first bad example's row (``None``: the whole batch) and what.
+_Problem = tuple[int | None, str]
+
+
+def _data_problem(x: Tensor, data_range: tuple[float, float] | None) -> _Problem | None:
+    r"""Returns the first example (row) of ``x`` that is not finite or lies outside
+    ``data_range``, with what is wrong, or ``None``; ``x`` must be floating point. One pass over
+    ``x`` (its minimum and maximum, which NaN propagates to) when nothing is wrong."""
+
+    if not x.is_floating_point():
+        return None, f"has dtype {x.dtype}"
+    low, high = (float(v) for v in torch.aminmax(x))
+    lo, hi = (-math.inf, math.inf) if data_range is None else data_range
+    if math.isfinite(low) and math.isfinite(high) and lo <= low and high <= hi:
+        return None
+    flat = x.reshape(len(x), -1)
+    for what, bad in (("NaN values", flat.isnan()), ("infinite values", flat.isinf())):
+        rows = bad.any(1).nonzero()
+        if len(rows):
+            return int(rows[0]), f"has {what}"
+    row = int(((flat < lo) | (flat > hi)).any(1).nonzero()[0])
+    return row, f"has values in [{float(flat[row].min()):.4g}, {float(flat[row].max()):.4g}]"
+
+
+def _data_error(problem: _Problem, indices: Tensor | None, backbone: Backbone) -> str:
+    r"""The message for a :func:`_data_problem`, naming the example by its index in the data
+    (``indices[row]``, or ``row`` without ``indices``)."""
+
+    row, what = problem
+    expected = (
+        "the range the backbone expects"
+        if backbone.data_range is None
+        else f"the backbone's data range [{backbone.data_range[0]:g}, "
+        f"{backbone.data_range[1]:g}] ({type(backbone).__name__}.data_range)"
+    )
+    if row is None:
+        example = {(0.0, 1.0): "x.float() / 255", (-1.0, 1.0): "x.float() / 127.5 - 1"}
+        hint = example.get(tuple(map(float, backbone.data_range or ())), "")
+        hint = f", e.g. {hint} for 8-bit images" if hint else ""
+        return f"the data {what}: convert it to floating point in {expected}{hint}"
+    where = f"data[{row if indices is None else int(indices[row])}] {what}"
+    if what.startswith("has values"):
+        return f"{where}, outside {expected}: rescale the data"
+    return f"{where}: the data is not finite (this is not a training divergence)"
+
+
+class _TensorItems(torch.utils.data.Dataset):
+    r"""A tensor as a dataset whose batches are one indexing operation."""
+
+    def __init__(self, data: Tensor):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitems__(self, indices: list[int]) -> Tensor:
+        return self.data[torch.as_tensor(indices, device=self.data.device)]
+
+
+class _ChunkSampler(torch.utils.data.Sampler):
+    r"""The indices of this process's chunks of steps ``start`` to ``stop - 1``, chunk by chunk
+    (:meth:`Trainer.batch_indices`, split into chunks; rank :math:`r` of :math:`W` takes the
+    chunks :math:`c \equiv r \pmod W`)."""
+
+    def __init__(self, trainer: Trainer, start: int, stop: int):
+        self.order, self.steps = trainer.batch_indices, range(start, stop)
+        n = trainer.chunk_size
+        self.rows = [slice(c * n, (c + 1) * n) for c in trainer._chunks()]
+
+    def __len__(self) -> int:
+        return len(self.steps) * len(self.rows)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in self.steps:
+            idx = self.order(step)
+            for rows in self.rows:
+                yield idx[rows].tolist()
+
+
+class _Collate:
+    r"""Stacks a chunk's examples (the first element of tuple items) and, with ``check``, looks
+    for the first non-finite or out-of-range example (in the loader's worker, on the CPU)."""
+
+    def __init__(self, check: bool, data_range: tuple[float, float] | None):
+        self.check, self.data_range = check, data_range
+
+    def __call__(self, items: Tensor | list[Any]) -> tuple[Tensor, _Problem | None]:
+        if isinstance(items, Tensor):  # a _TensorItems batch
+            x = items
+        else:
+            items = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
+            x = torch.stack([torch.as_tensor(it) for it in items])
+            if not x.is_floating_point():
+                return x, _data_problem(x, self.data_range)
+        return x, _data_problem(x, self.data_range) if self.check else None
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def _prepare_folder(folder: Path) -> None:
+    r"""Creates the checkpoint folder if needed, checks that it is a writable directory and
+    removes the temporary files of interrupted atomic writes."""
+
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"checkpoint_dir {folder} exists and is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"checkpoint_dir {folder} cannot be created: {e}") from e
+    try:
+        _new_temp_file(folder / CHECKPOINT_NAME).unlink()
+    except OSError as e:
+        raise ValueError(f"checkpoint_dir {folder} is not writable: {e}") from e
+    for path in sorted(folder.iterdir()):
+        if _STALE.fullmatch(path.name) and path.is_file():
+            path.unlink()
+            logger.warning("removed %s, left by an interrupted write", path)
+
+
+def _write_history(path: Path, fields: list[str], rows: list[dict[str, float]]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def _append_history(path: Path, fields: list[str], row: dict[str, float]) -> None:
+    line = io.StringIO()
+    csv.DictWriter(line, fields, restval="", extrasaction="ignore").writerow(row)
+    if not path.exists():  # removed while training: start it again
+        _write_history(path, fields, [])
+    with open(path, "a", newline="") as f:
+        f.write(line.getvalue())  # one write per row: a crash leaves whole rows, or a cut one
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
+    r"""Reads the ``history.csv`` a :class:`Trainer` writes: one dict per step (``step`` as an
+    int, the rest as floats). A last row cut short (by a crash while it was written) is left out.
+
+    Example:
+        >>> import tempfile
+        >>> from ebm_prior import HierarchicalVAE, JointEBMPrior
+        >>> vae = HierarchicalVAE.from_config("digits")
+        >>> prior = JointEBMPrior(vae.latent_shapes, nef=8)
+        >>> folder = tempfile.mkdtemp()
+        >>> trainer = Trainer(prior, vae, torch.rand(32, 1, 8, 8).round(), regime="two_stage",
+        ...                   batch_size=16, langevin_steps=2, checkpoint_dir=folder)
+        >>> _ = trainer.fit(2)
+        >>> [row["step"] for row in read_history(f"{folder}/history.csv")]
+        [1, 2]
+        >>> plot_history(f"{folder}/history.csv").name  # doctest: +SKIP
+        'history.png'
+    """
+
+    text = Path(path).read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return [
+        {k: int(v) if k == "step" else float(v) for k, v in row.items() if v not in ("", None)}
+        for row in rows
+    ]
+
+
+def plot_history(csv_path: str | os.PathLike, png_path: str | os.PathLike | None = None) -> Path:
+    r"""Draws the curves of a trainer's ``history.csv`` against the step, one panel per
+    quantity (``f_pos`` with ``f_neg``, ``log_p_pos`` with ``log_p_neg``), and writes them to
+    ``png_path`` (default: the CSV's path with the suffix ``.png``). Needs matplotlib, an
+    optional extra (``pip install "ebm-prior[examples]"``).
+
+    Returns:
+        The path of the figure.
+    """
+
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            'plot_history needs matplotlib, an optional extra: pip install "ebm-prior[examples]"'
+            " (or pip install matplotlib)"
+        ) from e
+    csv_path = Path(csv_path)
+    png_path = csv_path.with_suffix(".png") if png_path is None else Path(png_path)
+    rows = read_history(csv_path)
+    names = [k for k in (rows[0] if rows else {}) if k not in ("step", "seconds")]
+    panels: list[list[str]] = []
+    for name in names:
+        pair = {"f_neg": "f_pos", "log_p_neg": "log_p_pos"}.get(name)
+        if pair in names:
+            next(p for p in panels if p[0] == pair).append(name)
+        else:
+            panels.append([name])
+    cols = min(3, max(1, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / cols))
+    fig = Figure(figsize=(4 * cols, 2.8 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    steps = [r["step"] for r in rows]
+    for ax, panel in zip(axes, panels):
+        for name in panel:
+            ax.plot(steps, [r.get(name, math.nan) for r in rows], label=name)
+        ax.set_xlabel("step")
+        ax.set_title(", ".join(panel))
+        if len(panel) > 1:
+            ax.legend()
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return png_path

@@ -2,10 +2,13 @@
 
 Trains the digits model for 3 steps in each variant ``V`` of ``test_trainer.VARIANTS`` (gloo,
 CPU) and has rank 0 save, per variant, every trained tensor (energy, backbone groups, persistent
-chains) and the history to OUT. With CHUNK ``release`` it instead runs 200 of the trainer's
-collectives and has rank 0 save, for each, whether the tensors' reference counts were back to
-their value before the collective when it returned (that is, gloo's worker threads no longer
-held them).
+chains) and the history to OUT. The data is a tensor, except for the variant ``joint``: there it
+is a ``test_trainer.Counting`` dataset, and every rank saves the indices it fetched to
+``OUT.fetched-RANK``. With CHUNK ``release`` it instead runs 200 of the trainer's collectives and
+has rank 0 save, for each, whether the tensors' reference counts were back to their value before
+the collective when it returned (that is, gloo's worker threads no longer held them).
+
+The script's folder is on the module path when it runs, and ``ebm_prior`` is installed.
 """
 
 import os
@@ -13,11 +16,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from test_trainer import make, trained  # noqa: E402
+from test_trainer import Counting, data, make, trained
 
 
 def release(out: str) -> None:
@@ -46,9 +45,12 @@ def main() -> None:
         dist.init_process_group("gloo")
     results = {}
     for variant in variants:
-        trainer = make(variant, chunk_size=chunk, progress=False)
+        x = Counting(data()) if variant == "joint" else None
+        trainer = make(variant, chunk_size=chunk, progress=False, x=x)
         trainer.fit(3)
         results[variant] = {"trained": trained(trainer), "history": trainer.history}
+        if x is not None:
+            torch.save(x.fetched, f"{out}.fetched-{trainer.rank}")
     if not distributed or dist.get_rank() == 0:
         torch.save(results, out)
     if distributed:

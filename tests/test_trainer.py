@@ -1,6 +1,8 @@
 """The trainer in every regime: exact resume, chunked gradients, world-size invariance, atomic
 checkpoints, errors."""
 
+import inspect
+import logging
 import os
 import subprocess
 import sys
@@ -132,7 +134,7 @@ def full_batch_gradient(trainer: Trainer, step: int = 0) -> list[torch.Tensor]:
     derive, seed, n = trainer_module.derive_seed, trainer.seed, trainer.chunk_size
     prior, vae = trainer.prior, trainer.backbone
     idx = trainer.batch_indices(step)
-    x = trainer._fetch(idx)
+    x = trainer.data[idx]
     z_pos, z_neg, log_q = [], [], []
     for c in range(trainer.batch_size // n):
         xc, ic = x[c * n : (c + 1) * n], idx[c * n : (c + 1) * n]
@@ -295,7 +297,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         trainer.fit(2)
     assert path.read_bytes() == good
-    assert sorted(os.listdir(tmp_path)) == ["trainer.pt"]  # no temporary file left behind
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # none left behind
     monkeypatch.undo()
     fresh = make(checkpoint_dir=tmp_path)
     fresh.load_checkpoint()
@@ -344,25 +346,30 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
         make(checkpoint_dir=tmp_path).fit(1)
 
 
-@pytest.mark.parametrize("variant", ["two_stage", "joint"])
-def test_non_finite_loss_names_the_step(variant):
-    x = data()
-    trainer = make(variant, x=x)
+@pytest.mark.parametrize("variant, loss", [("two_stage", "ebm_loss"), ("joint", "joint_loss")])
+def test_non_finite_loss_names_the_step(variant, loss, monkeypatch):
+    trainer = make(variant)
     trainer.fit(2)
     before = trained(trainer)
-    x[:] = float("nan")  # every later batch is NaN
+    real = getattr(trainer_module, loss)
+
+    def broken(*args, **kwargs):  # the loss of every later chunk is NaN
+        out = real(*args, **kwargs)
+        return out._replace(loss=out.loss * float("nan"))
+
+    monkeypatch.setattr(trainer_module, loss, broken)
     with pytest.raises(TrainingDivergenceError, match="step 2: the loss of chunk 0"):
         trainer.fit(3)
     assert trainer.step == 2
     assert_same(before, trained(trainer))
 
 
-def test_diverging_posterior_chains_name_the_step_and_chunk():
-    x = data()
-    trainer = make("mle+persistent", x=x)
+def test_diverging_posterior_chains_name_the_step_and_chunk(monkeypatch):
+    trainer = make("mle+persistent")
     trainer.fit(1)
     before = trained(trainer)
-    x[:] = float("nan")
+    vae = trainer.backbone
+    monkeypatch.setattr(vae, "_log_likelihood", lambda x, z: torch.full((len(x),), torch.nan))
     with pytest.raises(LangevinDivergenceError) as info:
         trainer.fit(2)
     if sys.version_info >= (3, 11):
@@ -389,6 +396,7 @@ def test_non_finite_gradient_names_the_parameter(variant, module):
         ({"chunk_size": 3}, "chunk_size must be a positive int dividing batch_size=8"),
         ({"batch_size": 100}, "fewer than batch_size"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"num_workers": -1}, "num_workers must be an int >= 0"),
         ({"backbone_prior_params": [torch.nn.Parameter(torch.zeros(1))]}, r"\[0\] is not a"),
     ],
 )
@@ -430,6 +438,248 @@ def test_prior_must_fit_the_backbone():
         TwoStageTrainer(JointEBMPrior([(4,), (16,)]), vae, torch.zeros(8, 1, 8, 8), batch_size=8)
 
 
+# -- data --------------------------------------------------------------------------------------
+
+
+class Counting(torch.utils.data.Dataset):
+    r"""A map-style dataset over a tensor whose items are ``(x, 0)``; records every index it is
+    asked for."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.fetched = x, []
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        self.fetched.append(int(i))
+        return self.x[i], 0
+
+
+def test_resume_with_loader_workers_is_exact(tmp_path):
+    r"""A dataset read by 2 loader workers, interrupted mid-epoch (6 steps per epoch, checkpoint
+    at step 3) and resumed with workers again, learns bit for bit what a tensor read in the main
+    process learns without interruption."""
+
+    straight = make("mle+persistent")
+    straight.fit(5)
+    dataset = torch.utils.data.TensorDataset(data(), torch.zeros(48))
+    first = make("mle+persistent", x=dataset, num_workers=2, checkpoint_dir=tmp_path)
+    first.fit(3)
+    resumed = make("mle+persistent", init_seed=99, x=dataset, num_workers=2,
+                   checkpoint_dir=tmp_path)  # fmt: skip
+    resumed.fit(5)
+    assert_same(trained(straight), trained(resumed))
+    assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+
+
+def test_the_loader_fetches_each_chunk_once_and_leaves_the_global_rng_alone():
+    dataset = Counting(data())
+    trainer = make(x=dataset)
+    state = torch.random.get_rng_state()
+    trainer.fit(3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert dataset.fetched == torch.cat([trainer.batch_indices(k) for k in range(3)]).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_data_is_refused(dtype):
+    x = (data() * 255).to(dtype)
+    with pytest.raises(ValueError, match=rf"the data has dtype {dtype}: convert it to floating "
+                       r"point in the backbone's data range \[0, 1\] \(HierarchicalVAE\.data_range"
+                       r"\), e\.g\. x\.float\(\) / 255"):  # fmt: skip
+        make(x=x)
+    trainer = make(x=torch.utils.data.TensorDataset(x))  # items are read at the first step
+    with pytest.raises(ValueError, match=rf"step 0, chunk 0: the data has dtype {dtype}"):
+        trainer.fit(1)
+    assert trainer.step == 0
+
+
+def test_data_outside_the_backbones_range_is_refused():
+    vae = HierarchicalVAE.from_config("digits")
+    assert vae.data_range == (0.0, 1.0)
+    assert HierarchicalVAE.from_config("cifar10").data_range == (-1.0, 1.0)
+    x = data()
+    x[5] = 2 * x[5] - 1
+    expected = (r"data\[5\] has values in \[-1, 1\], outside the backbone's data range "
+                r"\[0, 1\] \(HierarchicalVAE.data_range\): rescale")  # fmt: skip
+    with pytest.raises(ValueError, match=expected):
+        make(x=x)
+    trainer = make(x=Counting(x))
+    k = next(k for k in range(6) if 5 in trainer.batch_indices(k).tolist())
+    c = trainer.batch_indices(k).tolist().index(5) // trainer.chunk_size
+    with pytest.raises(ValueError, match=rf"step {k}, chunk {c}: data\[5\] has values in"):
+        trainer.fit(6)
+    assert trainer.step == k
+
+
+def test_a_backbone_without_a_range_is_only_checked_for_finite_values():
+    vae = HierarchicalVAE.from_config("digits").double()
+    vae.data_range = None
+    prior = JointEBMPrior(vae.latent_shapes, nef=8).double()
+    options = dict(regime="two_stage", batch_size=8, langevin_steps=1, progress=False)
+    Trainer(prior, vae, 2 * data() - 1, **options).fit(1)  # outside [0, 1]: accepted
+    x = data()
+    x[3, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"data\[3\] has infinite values: the data is not"):
+        Trainer(prior, vae, x, **options)
+    with pytest.raises(ValueError, match=r"has dtype torch.uint8: convert it to floating point "
+                       r"in the range the backbone expects$"):  # fmt: skip
+        Trainer(prior, vae, x.to(torch.uint8), **options)
+
+
+def test_non_finite_data_is_named_as_such():
+    x = data()
+    x[7, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"data\[7\] has NaN values: the data is not finite "
+                       r"\(this is not a training divergence\)"):  # fmt: skip
+        make(x=x)
+    x[7, 0, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"data\[7\] has infinite values"):
+        make(x=x)
+    # a dataset is checked chunk by chunk, before the step: nothing is updated
+    trainer = make(x=Counting(x))
+    k = next(k for k in range(6) if 7 in trainer.batch_indices(k).tolist())
+    trainer.fit(k)
+    before = trained(trainer)
+    with pytest.raises(ValueError, match=rf"step {k}, chunk \d: data\[7\] has infinite values"):
+        trainer.fit(6)
+    assert trainer.step == k
+    assert_same(before, trained(trainer))
+    # so is a tensor on the CPU, should it change after construction
+    x = data()
+    trainer = make(x=x)
+    x[:] = float("nan")
+    with pytest.raises(ValueError, match=r"step 0, chunk 0: data\[\d+\] has NaN values"):
+        trainer.fit(1)
+
+
+def test_adapters_declare_their_data_range():
+    from ebm_prior.adapters.nvae import NVAEBackbone
+
+    assert NVAEBackbone.data_range == (0.0, 1.0)
+    tiny = pytest.importorskip("test_biva").tiny  # skipped without biva-pytorch
+    from ebm_prior.adapters.biva import BIVABackbone
+
+    assert BIVABackbone(tiny("lvae")).data_range == (0.0, 1.0)
+    model = tiny("biva", 3, features_out=20)
+    assert BIVABackbone(model, "discretized_logistic").data_range == (-1.0, 1.0)
+
+
+def test_oodd_adapter_declares_its_data_range():
+    test_oodd = pytest.importorskip("test_oodd")  # skipped without OODD_ROOT
+    import oodd.models.dvae as dvae
+
+    assert test_oodd.OODDBackbone(test_oodd.tiny("vae")).data_range == (0.0, 1.0)
+    model = dvae.VAE(**{**test_oodd.CONFIG, "likelihood_module": "GaussianLikelihoodConv2d"})
+    model = test_oodd.data_dependent_init(model, test_oodd.binary(8))
+    assert test_oodd.OODDBackbone(model).data_range is None
+
+
+# -- files, logging, progress ------------------------------------------------------------------
+
+
+def test_checkpoint_dir_is_checked_at_construction(tmp_path, monkeypatch):
+    deep = tmp_path / "a" / "b"
+    make(checkpoint_dir=deep)
+    assert deep.is_dir()  # created at once, not at the first checkpoint
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="checkpoint_dir .*file exists and is not a directory"):
+        make(checkpoint_dir=tmp_path / "file")
+    with pytest.raises(ValueError, match="checkpoint_dir .*file/sub cannot be created"):
+        make(checkpoint_dir=tmp_path / "file" / "sub")
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(trainer_module, "_new_temp_file", refused)
+    with pytest.raises(ValueError, match=r"checkpoint_dir .*a/b is not writable: .*Permission"):
+        make(checkpoint_dir=deep)
+
+
+def test_stale_temporary_files_are_removed_and_logged(tmp_path, caplog):
+    stale = [".trainer.pt.0123456789ab.tmp", ".history.csv.a1b2c3d4e5f6.tmp"]
+    kept = [".notes.0123456789ab.tmp", "trainer.pt.bak", ".trainer.pt.xyz.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    with caplog.at_level(logging.INFO, logger="ebm_prior"):
+        make(checkpoint_dir=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    removed = [r for r in caplog.records if "interrupted write" in r.getMessage()]
+    assert [r.levelno for r in removed] == [logging.WARNING] * 2
+    assert all(any(name in r.getMessage() for r in removed) for name in stale)
+
+
+def test_resume_and_checkpoints_are_logged(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="ebm_prior"):
+        make(checkpoint_dir=tmp_path, checkpoint_every=2).fit(3)
+        make(checkpoint_dir=tmp_path, checkpoint_every=2).fit(4)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("ebm_prior")]
+    path = tmp_path / "trainer.pt"
+    assert f"wrote checkpoint {path} at step 2" in messages
+    assert f"wrote checkpoint {path} at step 3" in messages
+    assert f"resumed from {path} at step 3" in messages
+    assert f"wrote checkpoint {path} at step 4" in messages
+
+
+def test_progress_bar_only_on_a_terminal(capsys, monkeypatch):
+    assert inspect.signature(Trainer).parameters["progress"].default is None
+    assert inspect.signature(TwoStageTrainer).parameters["progress"].default is None
+    make(progress=None).fit(1)
+    assert capsys.readouterr().err == ""  # standard error is not a terminal here
+    make(progress=True).fit(1)
+    assert "two-stage EBM prior" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    make(progress=None).fit(1)
+    assert "two-stage EBM prior" in capsys.readouterr().err
+    make(progress=False).fit(1)
+    assert capsys.readouterr().err == ""
+
+
+def test_history_csv_survives_a_crash_and_a_resume(tmp_path):
+    straight = make("two_stage+b")
+    straight.fit(5)
+
+    def crash(trainer, stats):
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # after the row of step 3, checkpoint at step 2
+        make("two_stage+b", checkpoint_dir=tmp_path, checkpoint_every=2, on_step=crash).fit(5)
+    path = tmp_path / "history.csv"
+    with open(path, "a") as f:
+        f.write("4,0.25,")  # a row cut short
+    assert [r["step"] for r in trainer_module.read_history(path)] == [1, 2, 3]
+    make("two_stage+b", checkpoint_dir=tmp_path, checkpoint_every=2).fit(5)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "step,loss,f_pos,f_neg,log_p_pos,log_p_neg,grad_norm,seconds"
+    assert len(lines) == 6
+    rows = trainer_module.read_history(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for row, h in zip(rows, straight.history, strict=True):
+        assert {k: v for k, v in row.items() if k != "seconds"} == {
+            k: v for k, v in h.items() if k != "seconds"
+        }
+    make("two_stage+b", checkpoint_dir=tmp_path).fit(2, resume=False)  # a fresh start
+    assert [r["step"] for r in trainer_module.read_history(path)] == [1, 2]
+
+
+def test_loss_curves_are_drawn_when_matplotlib_is_installed(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    make("mle", checkpoint_dir=tmp_path).fit(2)
+    png = tmp_path / "history.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert trainer_module.plot_history(tmp_path / "history.csv") == png
+    png.unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    make("mle", checkpoint_dir=tmp_path).fit(3)  # trains and writes the CSV, no figure
+    assert not png.exists() and (tmp_path / "history.csv").exists()
+    with pytest.raises(ImportError, match=r'needs matplotlib, an optional extra: pip install '
+                       r'"ebm-prior\[examples\]"'):  # fmt: skip
+        trainer_module.plot_history(tmp_path / "history.csv")
+
+
 def _torchrun(tmp_path: Path, nproc: int, chunk: int | str) -> dict:
     out = tmp_path / f"trained-{nproc}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -442,10 +692,18 @@ def _torchrun(tmp_path: Path, nproc: int, chunk: int | str) -> dict:
 
 def test_two_processes_learn_the_same_as_one(tmp_path):
     r"""In every regime (two-stage with the backbone prior, MLE with persistent chains, joint),
-    2 gloo processes learn the same energy, backbone groups and chains as 1."""
+    2 gloo processes learn the same energy, backbone groups and chains as 1; each process
+    fetches only the examples of its own chunks (joint: a map-style dataset that counts)."""
 
     one = _torchrun(tmp_path, 1, chunk=4)
     two = _torchrun(tmp_path, 2, chunk=4)  # rank r runs chunk r of each global batch of 8
+    order = make().batch_indices  # the data order depends on the seed and the data size only
+    batches = [order(k).tolist() for k in range(3)]
+    fetched = [torch.load(tmp_path / f"trained-{n}.pt.fetched-{r}") for n, r in ((1, 0), (2, 0),
+                                                                              (2, 1))]  # fmt: skip
+    assert fetched[0] == [i for b in batches for i in b]
+    assert fetched[1] == [i for b in batches for i in b[:4]]
+    assert fetched[2] == [i for b in batches for i in b[4:]]
     assert sorted(one) == sorted(two) == sorted(DDP_VARIANTS)
     for variant in DDP_VARIANTS:
         a, b = one[variant], two[variant]
