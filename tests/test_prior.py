@@ -229,9 +229,14 @@ def test_examples_write_valid_sampler_configs():
     args = finetune_nvae.parse_args(["--checkpoint", "unused.pt", "--data", "cifar10"])
     backbone = _Spatial()
     prior = finetune_nvae.build_prior(backbone, args)
-    assert prior.sampler_config["steps"] == args.test_langevin_steps
+    # the chain the prior was trained with (what the OOD scores' chains reuse), not the
+    # longer test-time chain
+    assert prior.sampler_config["steps"] == args.langevin_steps != args.test_langevin_steps
     sampler = EpsLangevin(prior, backbone, **prior.sampler_config)
-    assert sampler.steps == args.test_langevin_steps and sampler.t == args.t
+    assert sampler.steps == args.langevin_steps and sampler.t == args.t
+    argv = ["--checkpoint", "x.pt", "--data", "cifar10", "--clip-grad", "2"]
+    clipped = finetune_nvae.build_prior(backbone, finetune_nvae.parse_args(argv))
+    assert EpsLangevin(clipped, backbone, **clipped.sampler_config).clip_grad == 2.0
 
     # every other script's literal dict
     from ebm_prior.hub import SAMPLER_CONFIG_KEYS

@@ -163,8 +163,7 @@ def build_prior(backbone: NVAEBackbone, args: argparse.Namespace) -> JointEBMPri
         # test-time chain is an option of the sampling commands
         sampler_config={
             "step_size": args.step_size, "steps": args.langevin_steps, "t": args.t,
-            "target": args.target, "mala": args.mala,
-            **({"clip_grad": args.clip_grad} if args.clip_grad is not None else {}),
+            "target": args.target, "mala": args.mala, "clip_grad": args.clip_grad,
         },
         backbone=backbone.fingerprint(),
     )  # fmt: skip
