@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     backbone = NVAEBackbone.build(nvae_args(**SIZES[args.size]), device=device)
     ns = argparse.Namespace(
         nef=200, channels=64, step_size=6.3e-3, test_langevin_steps=40, t=1.0,
-        target="exact", mala=False, langevin_steps=args.langevin_steps,
+        target="exact", mala=False, clip_grad=None, langevin_steps=args.langevin_steps,
     )  # fmt: skip
     prior = build_prior(backbone, ns).to(device)
     n = args.batch * (args.repeats + 2)
