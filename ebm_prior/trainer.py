@@ -126,7 +126,9 @@ def _collective(tensors: list[Tensor], op: Callable[..., Any]) -> None:
     holds one reference to its Python object, so the Python reference count falls back to its
     value before the collective exactly when the last C++ reference is gone; we wait for that
     (releasing the GIL) for at most ``_RELEASE_TIMEOUT_S``. Should a torch version keep the
-    count up for good, the first timeout warns and turns the wait off.
+    count up for good, the first timeout warns and turns the wait off. (A script that ends with
+    ``dist.barrier()`` and ``dist.destroy_process_group()`` is safe without the wait: destroying
+    the group joins gloo's worker threads. The wait protects scripts that end otherwise.)
     """
 
     global _WAIT_FOR_RELEASE

@@ -6,7 +6,8 @@ chains) and the history to OUT. The data is a tensor, except for the variant ``j
 is a ``test_trainer.Counting`` dataset, and every rank saves the indices it fetched to
 ``OUT.fetched-RANK``. With CHUNK ``release`` it instead runs 200 of the trainer's collectives and
 has rank 0 save, for each, whether the tensors' reference counts were back to their value before
-the collective when it returned (that is, gloo's worker threads no longer held them).
+the collective when it returned (that is, gloo's worker threads no longer held them), and whether
+20 plain collectives followed by ``barrier`` and ``destroy_process_group`` had let go of theirs.
 
 The script's folder is on the module path when it runs, and ``ebm_prior`` is installed.
 """
@@ -30,9 +31,18 @@ def release(out: str) -> None:
         _collective([a, b], dist.all_reduce)
         released.append((sys.getrefcount(a), sys.getrefcount(b)) == before)
         assert a[0].item() == 2 * i and b.sum().item() == 6
-    if dist.get_rank() == 0:
-        torch.save({"released": released}, out)
+    # plain collectives, then the end of a script: barrier and destroy_process_group, which
+    # joins gloo's worker threads, so every tensor is let go of when it returns
+    tensors = [torch.ones(1000) for _ in range(20)]
+    before = [sys.getrefcount(t) for t in tensors]
+    for work in [dist.all_reduce(t, async_op=True) for t in tensors]:
+        work.wait()
+    del work
+    dist.barrier()
     dist.destroy_process_group()
+    after = [sys.getrefcount(t) for t in tensors]
+    if int(os.environ["RANK"]) == 0:
+        torch.save({"released": released, "released_by_destroy": after == before}, out)
 
 
 def main() -> None:
@@ -53,7 +63,8 @@ def main() -> None:
             torch.save(x.fetched, f"{out}.fetched-{trainer.rank}")
     if not distributed or dist.get_rank() == 0:
         torch.save(results, out)
-    if distributed:
+    if distributed:  # how a script should end (see the trainer's design decisions)
+        dist.barrier()
         dist.destroy_process_group()
 
 
