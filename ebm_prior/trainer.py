@@ -198,6 +198,10 @@ class Trainer:
     the negative ELBO under the EBM prior with :math:`\nabla \log Z(a, b)` estimated from the
     negatives, over the encoder :math:`\phi` (``encoder_params``, ``encoder_lr``), the generator
     :math:`\theta`, the backbone prior :math:`b` and the energy :math:`a` at once.
+    ``prior=None`` trains the backbone by its own ELBO under the Gaussian prior,
+    :math:`\mathcal{L} = -\overline{\log p_\theta(x_i \mid z_i^+) + \log p_b(z_i^+)
+    - \log q_\phi(z_i^+ \mid x_i)}`, with no negatives (:math:`p_b` is normalised): the
+    Gaussian baseline of the variational regime, with the same resume and DDP guarantees.
 
     ``regime="two_stage"`` (supplement 1.2): :math:`z_i^+ \sim q(z \mid x_i)` from the frozen
     backbone and the loss :math:`\overline{f_a(z_i^-)} - \overline{f_a(z_i^+)}`, plus Eq. 6 over
@@ -230,7 +234,7 @@ class Trainer:
 
     Arguments:
         prior: The energy to train, a :class:`JointEBMPrior` (on the backbone's device);
-            ``None`` only with ``regime="mle"``.
+            ``None`` (the Gaussian prior alone) with ``regime="mle"`` or ``"joint"``.
         backbone: The backbone.
         data: A floating-point tensor :math:`(N, *)` or a map-style dataset whose items are
             ``x`` or tuples whose first element is ``x``, with finite values in the backbone's
@@ -326,8 +330,10 @@ class Trainer:
             raise ValueError(f"regime must be one of {list(REGIMES)}, got {regime!r}")
         if not isinstance(backbone, Backbone):
             raise TypeError(f"backbone must be a Backbone, got {type(backbone).__name__}")
-        if prior is None and regime != "mle":
-            raise ValueError(f"regime={regime!r} needs a prior; prior=None works with 'mle' only")
+        if prior is None and regime == "two_stage":
+            raise ValueError(
+                "regime='two_stage' needs a prior; prior=None works with 'mle' and 'joint'"
+            )
         if prior is not None and not isinstance(prior, nn.Module):
             raise TypeError(f"prior must be an nn.Module, got {type(prior).__name__}")
         if hasattr(prior, "latent_shapes") and tuple(prior.latent_shapes) != tuple(
@@ -480,7 +486,8 @@ class Trainer:
             "two_stage": ["loss", "f_pos", "f_neg"]
             + (["log_p_pos", "log_p_neg"] if self.b_params else []),
             "mle": ["loss", "log_likelihood", "f_pos", "f_neg", "log_p_pos", "log_p_neg"],
-            "joint": ["loss", "elbo", "log_likelihood", "f_pos", "f_neg", "log_p_neg"],
+            "joint": ["loss", "elbo", "log_likelihood"]
+            + ([] if prior is None else ["f_pos", "f_neg", "log_p_neg"]),
         }[regime]
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -559,7 +566,9 @@ class Trainer:
     def _chunk_loss(
         self, step: int, c: int, x: Tensor, idx: Tensor
     ) -> tuple[Tensor, list[Tensor] | None]:
-        z_neg = self._negatives(step, c, len(x))
+        # the Gaussian-prior ELBO needs no negatives: p_b is normalised, so no gradient of log Z
+        elbo_only = self.regime == "joint" and self.prior is None
+        z_neg = None if elbo_only else self._negatives(step, c, len(x))
         z_new = None
         if self.regime == "two_stage":
             devices = [self.device] if self.device.type == "cuda" else []
@@ -589,9 +598,15 @@ class Trainer:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(derive_seed(self.seed, 2, step, c))
                 post = self.backbone.posterior(x)
-            out = joint_loss(self.prior, self.backbone, x, z_neg, posterior=post, reg=self.reg)
-            loss = out.loss
-            stats = [loss.detach(), *out[1:]]
+            if elbo_only:
+                ll = self.backbone.log_likelihood(x, post.z)
+                elbo = ll + self.backbone.log_prior(post.z) - post.log_q
+                loss = -elbo.mean()
+                stats = [loss.detach(), elbo.mean().detach(), ll.mean().detach()]
+            else:
+                out = joint_loss(self.prior, self.backbone, x, z_neg, posterior=post, reg=self.reg)
+                loss = out.loss
+                stats = [loss.detach(), *out[1:]]
         if not torch.isfinite(loss):
             raise TrainingDivergenceError(step, f"the loss of chunk {c} ({loss.item()})")
         share = len(x) / self.batch_size

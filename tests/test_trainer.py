@@ -40,8 +40,9 @@ VARIANTS = {
     "mle+persistent": dict(regime="mle", groups="gb", persistent=True, posterior_mala=True),
     "mle-gaussian": dict(regime="mle", groups="gb", prior=None),
     "joint": dict(regime="joint", groups="gbe"),
+    "joint-gaussian": dict(regime="joint", groups="gbe", prior=None),
 }
-DDP_VARIANTS = ["two_stage+b", "mle+persistent", "joint"]
+DDP_VARIANTS = ["two_stage+b", "mle+persistent", "joint", "joint-gaussian"]
 
 
 def data(n: int = 48) -> torch.Tensor:
@@ -139,7 +140,9 @@ def full_batch_gradient(trainer: Trainer, step: int = 0) -> list[torch.Tensor]:
     for c in range(trainer.batch_size // n):
         xc, ic = x[c * n : (c + 1) * n], idx[c * n : (c + 1) * n]
         gen = torch.Generator().manual_seed(derive(seed, 1, step, c))
-        if prior is None:
+        if prior is None and trainer.regime == "joint":
+            pass  # the Gaussian-prior ELBO draws no negatives
+        elif prior is None:
             z_neg.append(vae.eps_to_z(vae.sample_eps(n, generator=gen)))
         else:
             sampler = EpsLangevin(prior, vae, generator=gen, **trainer.sampler_kwargs)
@@ -158,7 +161,10 @@ def full_batch_gradient(trainer: Trainer, step: int = 0) -> list[torch.Tensor]:
             log_q.append(post.log_q)
     z_pos = [torch.cat(z) for z in zip(*z_pos)]
     z_neg = [torch.cat(z) for z in zip(*z_neg)]
-    if trainer.regime == "two_stage":
+    if trainer.regime == "joint" and prior is None:  # the backbone's own ELBO
+        post = Posterior(z_pos, torch.cat(log_q))
+        loss = -(vae.log_likelihood(x, post.z) + vae.log_prior(post.z) - post.log_q).mean()
+    elif trainer.regime == "two_stage":
         loss = ebm_loss(prior, z_pos, z_neg, reg=trainer.reg).loss
         if trainer.b_params:
             loss = loss + backbone_prior_loss(vae, [z.detach() for z in z_pos], z_neg).loss
@@ -211,7 +217,7 @@ def test_training_changes_exactly_the_named_parameters(variant):
     lrs = [g["lr"] for g in trainer.optimizer.param_groups]
     expected = {  # energy, backbone prior, generator, encoder
         "two_stage": [1e-3], "two_stage+b": [1e-3, 1e-3], "mle-gaussian": [1.5e-3, 2e-3],
-        "joint": [1e-3, 1.5e-3, 2e-3, 3e-3],
+        "joint": [1e-3, 1.5e-3, 2e-3, 3e-3], "joint-gaussian": [1.5e-3, 2e-3, 3e-3],
     }.get(variant, [1e-3, 1.5e-3, 2e-3])  # fmt: skip
     assert lrs == expected
     assert trainer.backbone.training is False
@@ -417,8 +423,8 @@ def test_bad_regime_options():
 
     with pytest.raises(ValueError, match="regime must be one of"):
         build("vae")
-    with pytest.raises(ValueError, match="regime='joint' needs a prior"):
-        build("joint", prior=None, generator_params=dec)
+    with pytest.raises(ValueError, match="regime='two_stage' needs a prior"):
+        build("two_stage", prior=None)
     with pytest.raises(ValueError, match="encoder_params: not an option of regime='mle'"):
         build("mle", encoder_params=enc)
     with pytest.raises(ValueError, match="generator_params, persistent: not an option of"):
