@@ -40,7 +40,8 @@ from ebm_prior.apps._common import (
     require,
 )
 from ebm_prior.apps.hierarchical_reconstruction import save_grid, tiny_biva, train_backbone
-from ebm_prior.apps.train_digits import fit_two_stage, load_digits_binary
+from ebm_prior.apps.train_digits import load_digits_binary
+from ebm_prior.apps.training import fit_two_stage
 
 
 def write_demo_session(path: str, data: Tensor, epochs: int) -> None:
@@ -146,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         backbone,
         data,
         args.ebm_epochs,
+        seed=args.seed,
         batch_size=args.batch_size,
         lr=args.ebm_lr,
         reg=args.energy_reg,

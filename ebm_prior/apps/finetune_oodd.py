@@ -34,7 +34,7 @@ from ebm_prior.apps._common import (
     require,
 )
 from ebm_prior.apps.ood import oodd_lvae, train_elbo
-from ebm_prior.apps.train_digits import fit_two_stage
+from ebm_prior.apps.training import fit_two_stage
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.train_tiny:
         model = data_dependent_init(oodd_lvae(16, tuple(data.shape[1:])), data[:64])
         train_args = argparse.Namespace(
-            lr=args.lr, epochs=args.backbone_epochs, batch_size=args.batch_size
+            lr=args.lr, epochs=args.backbone_epochs, batch_size=args.batch_size, seed=args.seed
         )
         train_elbo(OODDBackbone(model), data, train_args)
         checkpoint = os.path.join(args.out, "backbone")
@@ -96,8 +96,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         backbone=backbone.fingerprint(),
         sampler_config={"step_size": args.step_size, "steps": args.langevin_steps},
     )
-    fit_two_stage(prior, backbone, data, args.epochs, args.batch_size, args.ebm_lr,
-                  args.energy_reg, args.step_size, args.langevin_steps)  # fmt: skip
+    fit_two_stage(prior, backbone, data, args.epochs, batch_size=args.batch_size,
+                  lr=args.ebm_lr, reg=args.energy_reg, step_size=args.step_size,
+                  steps=args.langevin_steps, seed=args.seed)  # fmt: skip
     prior.eval()
     prior.save_pretrained(os.path.join(args.out, "prior"))
 

@@ -41,7 +41,8 @@ from ebm_prior.apps._common import (
     prior_source,
     require,
 )
-from ebm_prior.apps.train_digits import fit_two_stage, load_digits_binary
+from ebm_prior.apps.train_digits import load_digits_binary
+from ebm_prior.apps.training import fit_elbo, fit_two_stage
 
 
 def tiny_biva(x: Tensor, family: str = "biva", filters: int = 16):
@@ -75,20 +76,13 @@ def elbo(backbone: Backbone, x: Tensor) -> Tensor:
 def train_backbone(
     backbone: Backbone, data: Tensor, epochs: int, batch_size: int = 100, lr: float = 1e-3
 ) -> None:
-    r"""Trains any backbone by maximising :func:`elbo` with Adam."""
+    r"""Trains any backbone by maximising :func:`elbo` with Adam (:func:`fit_elbo`)."""
 
-    opt = torch.optim.Adam(backbone.parameters(), lr=lr)
-    backbone.train()
+    trainer = fit_elbo(backbone, data, epochs, batch_size=batch_size, lr=lr)
+    n = trainer.steps_per_epoch
     for epoch in range(epochs):
-        for x in data[torch.randperm(len(data))].split(batch_size):
-            loss = -elbo(backbone, x).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"backbone training diverged at epoch {epoch}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        print(f"backbone epoch {epoch + 1}/{epochs}: ELBO {-loss.item():.2f} nats")
-    backbone.eval()
+        elbo = sum(r["elbo"] for r in trainer.history[epoch * n : (epoch + 1) * n]) / n
+        print(f"backbone epoch {epoch + 1}/{epochs}: ELBO {elbo:.2f} nats")
 
 
 def hierarchical_reconstructions(
@@ -234,13 +228,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             backbone=backbone.fingerprint(),
         )
         fit_two_stage(
-            prior,
-            backbone,
-            train,
-            args.ebm_epochs,
-            step_size=args.step_size,
-            steps=args.train_steps,
-        )
+            prior, backbone, train, args.ebm_epochs, step_size=args.step_size,
+            steps=args.train_steps, seed=args.seed,
+        )  # fmt: skip
     prior.eval().requires_grad_(False)
 
     gen = torch.Generator().manual_seed(args.seed)

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ebm_prior import GroupwiseBackbone, HierarchicalVAE, JointEBMPrior
 from ebm_prior.apps import data as _data
@@ -44,7 +43,7 @@ from ebm_prior.apps._common import (
     positive_int,
     require,
 )
-from ebm_prior.apps.train_digits import fit_two_stage
+from ebm_prior.apps.training import fit_elbo, fit_two_stage
 from ebm_prior.ood import hierarchical_bound, ood_metrics, paired_auroc_difference
 
 
@@ -164,22 +163,11 @@ def make_backbone(args, train: torch.Tensor) -> tuple[GroupwiseBackbone, bool]:
 
 
 def train_elbo(backbone: GroupwiseBackbone, data: torch.Tensor, args) -> None:
-    r"""Maximises the ELBO :math:`\log p(x|z) + \log p_b(z) - \log q(z|x)` through the contract."""
+    r"""Maximises the ELBO :math:`\log p(x|z) + \log p_b(z) - \log q(z|x)` through the contract
+    (:func:`~ebm_prior.apps.training.fit_elbo`)."""
 
-    opt = torch.optim.Adam(backbone.parameters(), lr=args.lr)
-    backbone.train()
-    bar = tqdm(range(args.epochs), desc="backbone (ELBO)")
-    for epoch in bar:
-        for x in data[torch.randperm(len(data))].split(args.batch_size):
-            post = backbone.posterior(x)
-            elbo = backbone.log_likelihood(x, post.z) + backbone.log_prior(post.z) - post.log_q
-            loss = -elbo.mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"ELBO training diverged at epoch {epoch}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        bar.set_postfix(elbo=f"{-loss.item():.1f}")
+    fit_elbo(backbone, data, args.epochs, batch_size=args.batch_size, lr=args.lr,
+             seed=getattr(args, "seed", 0))  # fmt: skip
     backbone.eval()
 
 
@@ -307,8 +295,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         nef=args.nef,
         sampler_config={"step_size": args.step_size, "steps": args.langevin_steps},
     )
-    fit_two_stage(prior, backbone, train, args.two_stage_epochs, args.batch_size, args.ebm_lr,
-                  args.energy_reg, args.step_size, args.langevin_steps)  # fmt: skip
+    fit_two_stage(prior, backbone, train, args.two_stage_epochs, batch_size=args.batch_size,
+                  lr=args.ebm_lr, reg=args.energy_reg, step_size=args.step_size,
+                  steps=args.langevin_steps, seed=args.seed)  # fmt: skip
     prior.eval()
     s_in = scores(backbone, prior, test_in, args)
     s_out = scores(backbone, prior, test_out, args)

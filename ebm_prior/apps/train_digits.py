@@ -6,7 +6,9 @@ fitted two-stage on the frozen model A, (C) backbone and EBM prior learned joint
 joint learning). Prints the test ELBO and importance-weighted log-likelihood in nats (a bound for
 the Gaussian prior; for EBM priors an estimate, normalised by an estimate of log Z printed with its
 standard error, method and ESS), writes a sample grid per model and a Langevin-transition figure
-(base prior -> EBM prior).
+(base prior -> EBM prior). Every model trains through :class:`ebm_prior.Trainer`, checkpointed
+in ``OUT/checkpoints/{A,B,C}``: a stopped run started again with the same arguments resumes where
+it stopped (other arguments are refused, naming what differs; use another ``--out``).
 
     ebm-prior train-digits                 # full run, outputs in runs/digits
     ebm-prior train-digits --epochs 2 --eval-samples 4 --out /tmp/x   # smoke run
@@ -24,18 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ebm_prior import (
-    Backbone,
-    EpsLangevin,
-    HierarchicalVAE,
-    JointEBMPrior,
-    joint_loss,
-    log_likelihood,
-    log_partition,
-    two_stage_loss,
-)
+from ebm_prior import EpsLangevin, HierarchicalVAE, JointEBMPrior, log_likelihood, log_partition
 from ebm_prior.apps._common import (
     nonnegative_float,
     output_dir,
@@ -44,6 +36,7 @@ from ebm_prior.apps._common import (
     positive_int,
     require,
 )
+from ebm_prior.apps.training import fit_elbo, fit_joint, fit_two_stage
 
 
 def load_digits_binary(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,71 +80,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train_gaussian(vae: HierarchicalVAE, data: torch.Tensor, args: argparse.Namespace) -> None:
-    r"""Maximises the ELBO under the backbone's Gaussian prior."""
+def train_gaussian(
+    vae: HierarchicalVAE, data: torch.Tensor, args: argparse.Namespace, checkpoint_dir=None
+) -> None:
+    r"""Maximises the ELBO under the backbone's Gaussian prior (:func:`fit_elbo`)."""
 
-    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
-    for epoch in tqdm(range(args.epochs), desc="Gaussian prior"):
-        for x in data[torch.randperm(len(data))].split(args.batch_size):
-            loss = -vae.elbo(x).mean()
-            _check_finite(loss, epoch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit_elbo(vae, data, args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+             checkpoint_dir=checkpoint_dir)  # fmt: skip
 
 
 def train_joint(
-    vae: HierarchicalVAE, prior: JointEBMPrior, data: torch.Tensor, args: argparse.Namespace
-) -> None:
-    r"""Variational joint learning of backbone and EBM prior (DESIGN section 4)."""
-
-    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
-    opt_e = torch.optim.Adam(prior.parameters(), lr=args.ebm_lr, betas=(0.5, 0.999))
-    sampler = EpsLangevin(prior, vae, step_size=args.step_size, steps=args.langevin_steps)
-    bar = tqdm(range(args.epochs), desc="joint EBM prior")
-    for epoch in bar:
-        for x in data[torch.randperm(len(data))].split(args.batch_size):
-            z_neg = sampler(vae.sample_eps(len(x))).z
-            out = joint_loss(prior, vae, x, z_neg, reg=args.energy_reg)
-            _check_finite(out.loss, epoch)
-            opt.zero_grad()
-            opt_e.zero_grad()
-            out.loss.backward()
-            opt.step()
-            opt_e.step()
-        bar.set_postfix(elbo=f"{out.elbo:.1f}", f_pos=f"{out.f_pos:.2f}", f_neg=f"{out.f_neg:.2f}")
-
-
-def fit_two_stage(
+    vae: HierarchicalVAE,
     prior: JointEBMPrior,
-    backbone: Backbone,
     data: torch.Tensor,
-    epochs: int,
-    batch_size: int = 100,
-    lr: float = 1e-4,
-    reg: float = 0.01,
-    step_size: float = 0.3,
-    steps: int = 50,
+    args: argparse.Namespace,
+    checkpoint_dir=None,
 ) -> None:
-    r"""Fits the EBM prior on a frozen backbone (supplement 1.2, two-stage), any backbone.
+    r"""Variational joint learning of backbone and EBM prior (:func:`fit_joint`)."""
 
-    Negatives: ``steps`` of eps-space Langevin from :math:`\mathcal{N}(0, I)`; positives: the
-    backbone's posterior; loss :func:`ebm_prior.two_stage_loss` with energy penalty ``reg``.
-    """
-
-    backbone.eval().requires_grad_(False)
-    opt_e = torch.optim.Adam(prior.parameters(), lr=lr, betas=(0.5, 0.999))
-    sampler = EpsLangevin(prior, backbone, step_size=step_size, steps=steps)
-    bar = tqdm(range(epochs), desc="two-stage EBM prior")
-    for epoch in bar:
-        for x in data[torch.randperm(len(data))].split(batch_size):
-            z_neg = sampler(backbone.sample_eps(len(x))).z
-            out = two_stage_loss(prior, backbone, x, z_neg, reg=reg)
-            _check_finite(out.loss, epoch)
-            opt_e.zero_grad()
-            out.loss.backward()
-            opt_e.step()
-        bar.set_postfix(f_pos=f"{out.f_pos:.2f}", f_neg=f"{out.f_neg:.2f}")
+    fit_joint(
+        vae, prior, data, args.epochs, batch_size=args.batch_size, lr=args.lr,
+        ebm_lr=args.ebm_lr, reg=args.energy_reg, step_size=args.step_size,
+        steps=args.langevin_steps, seed=args.seed, checkpoint_dir=checkpoint_dir,
+    )  # fmt: skip
 
 
 def save_backbone(vae: HierarchicalVAE, path: str) -> str:
@@ -179,11 +130,6 @@ def load_backbone(path: str) -> HierarchicalVAE:
     return vae.eval()
 
 
-def _check_finite(loss: torch.Tensor, epoch: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"training diverged: non-finite loss at epoch {epoch}")
-
-
 @torch.no_grad()
 def evaluate(vae, prior, test, args, log_z=None) -> dict:
     r"""Test ELBO and importance-weighted log-likelihood (nats per image, test-set mean)."""
@@ -204,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     base = HierarchicalVAE.from_config("digits")
     gauss = copy.deepcopy(base)
-    train_gaussian(gauss, train, args)
+    checkpoints = os.path.join(args.out, "checkpoints")
+    train_gaussian(gauss, train, args, os.path.join(checkpoints, "A"))
     gauss.eval()
     gauss.checkpoint_hash = save_backbone(gauss, os.path.join(args.out, "vae_A.safetensors"))
 
@@ -219,14 +166,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     two_stage = new_prior(gauss)
     fit_two_stage(
-        two_stage, gauss, train, args.two_stage_epochs, args.batch_size, args.ebm_lr,
-        args.energy_reg, args.step_size, args.langevin_steps,
+        two_stage, gauss, train, args.two_stage_epochs, batch_size=args.batch_size,
+        lr=args.ebm_lr, reg=args.energy_reg, step_size=args.step_size,
+        steps=args.langevin_steps, seed=args.seed, checkpoint_dir=os.path.join(checkpoints, "B"),
     )  # fmt: skip
 
     torch.manual_seed(args.seed)
     joint_vae = copy.deepcopy(base)
     joint = new_prior(joint_vae)
-    train_joint(joint_vae, joint, train, args)
+    train_joint(joint_vae, joint, train, args, os.path.join(checkpoints, "C"))
     joint_vae.eval(), joint.eval(), two_stage.eval()
 
     def log_z(prior, vae):

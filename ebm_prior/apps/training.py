@@ -1,0 +1,136 @@
+r"""The training runs the applications share, each one :class:`ebm_prior.Trainer` call.
+
+* :func:`fit_elbo`: any backbone by its own ELBO under the Gaussian prior
+  (``regime="joint"``, ``prior=None``);
+* :func:`fit_joint`: the reference VAE and the joint EBM prior together (variational joint
+  learning, ``regime="joint"``);
+* :func:`fit_two_stage`: the joint EBM prior on a frozen backbone (``regime="two_stage"``).
+
+All three run over whole epochs (``len(data) // batch_size`` full batches each; the batch size
+is capped at ``len(data)``), keep the trainer's guarantees (divergence raised with the step,
+exact resume from ``checkpoint_dir``, atomic checkpoints, ``history.csv``) and return the
+:class:`~ebm_prior.Trainer`, whose ``history`` holds the per-step statistics.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+from ebm_prior import Backbone, HierarchicalVAE, JointEBMPrior, Trainer
+
+__all__ = ["fit_elbo", "fit_joint", "fit_two_stage", "parameter_groups"]
+
+
+def parameter_groups(backbone: Backbone) -> dict[str, list[nn.Parameter]]:
+    r"""The trainer's parameter groups of a whole backbone.
+
+    The reference VAE splits into its generator (decoder), encoder and prior networks. The
+    backbone contract does not say which parameters of an adapted model are which, so any other
+    backbone gives all its parameters as one group (``generator_params``), trained at one rate.
+    """
+
+    if isinstance(backbone, HierarchicalVAE):
+        return {
+            "generator_params": list(backbone.decoder.parameters()),
+            "encoder_params": [*backbone.encoder_x.parameters(), *backbone.encoder_z.parameters()],
+            "backbone_prior_params": list(backbone.prior_nets.parameters()),
+        }
+    return {"generator_params": list(backbone.parameters())}
+
+
+def _rates(groups: dict[str, Iterable[nn.Parameter]], lr: float) -> dict[str, float]:
+    return {f"{k[: -len('_params')]}_lr": lr for k in groups}
+
+
+def _steps(trainer: Trainer, epochs: int) -> int:
+    return epochs * trainer.steps_per_epoch
+
+
+def fit_elbo(
+    backbone: Backbone,
+    data: Tensor,
+    epochs: int,
+    *,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> Trainer:
+    r"""Trains every parameter of ``backbone`` by Adam (``lr``) on the ELBO
+    :math:`\log p(x \mid z) + \log p_b(z) - \log q(z \mid x)`, :math:`z \sim q(z \mid x)`
+    reparameterised, for ``epochs`` epochs. The backbone is left in eval mode."""
+
+    groups = parameter_groups(backbone)
+    trainer = Trainer(
+        None, backbone, data, regime="joint", batch_size=min(batch_size, len(data)), seed=seed,
+        checkpoint_dir=checkpoint_dir, progress=progress, **groups, **_rates(groups, lr),
+    )  # fmt: skip
+    trainer.fit(_steps(trainer, epochs))
+    backbone.requires_grad_(False)
+    return trainer
+
+
+def fit_joint(
+    vae: HierarchicalVAE,
+    prior: JointEBMPrior,
+    data: Tensor,
+    epochs: int,
+    *,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    ebm_lr: float = 1e-4,
+    reg: float = 0.01,
+    step_size: float = 0.3,
+    steps: int = 50,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> Trainer:
+    r"""Variational joint learning of the reference VAE (rate ``lr``) and the energy (rate
+    ``ebm_lr``): the negative ELBO under the EBM prior, :func:`ebm_prior.joint_loss`, with
+    negatives by ``steps`` of eps-space Langevin (step size ``step_size``) and the energy
+    penalty ``reg``. Adam with betas (0.9, 0.999) for every group."""
+
+    groups = parameter_groups(vae)
+    trainer = Trainer(
+        prior, vae, data, regime="joint", batch_size=min(batch_size, len(data)), lr=ebm_lr,
+        reg=reg, langevin_steps=steps, step_size=step_size, seed=seed,
+        checkpoint_dir=checkpoint_dir, progress=progress, **groups, **_rates(groups, lr),
+    )  # fmt: skip
+    trainer.fit(_steps(trainer, epochs))
+    vae.requires_grad_(False)
+    return trainer
+
+
+def fit_two_stage(
+    prior: JointEBMPrior,
+    backbone: Backbone,
+    data: Tensor,
+    epochs: int,
+    *,
+    batch_size: int = 100,
+    lr: float = 1e-4,
+    reg: float = 0.01,
+    step_size: float = 0.3,
+    steps: int = 50,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> Trainer:
+    r"""Fits the energy on the frozen ``backbone`` (supplement 1.2): positives from its
+    posterior, negatives by ``steps`` of eps-space Langevin (step size ``step_size``) from
+    :math:`\mathcal{N}(0, I)`, loss :func:`ebm_prior.two_stage_loss` with the energy penalty
+    ``reg``; Adam (``lr``, betas (0.5, 0.999)). Build the prior with
+    ``sampler_config={"step_size": step_size, "steps": steps}`` to record that chain."""
+
+    trainer = Trainer(
+        prior, backbone, data, regime="two_stage", batch_size=min(batch_size, len(data)), lr=lr,
+        betas=(0.5, 0.999), reg=reg, langevin_steps=steps, step_size=step_size, seed=seed,
+        checkpoint_dir=checkpoint_dir, progress=progress,
+    )  # fmt: skip
+    trainer.fit(_steps(trainer, epochs))
+    return trainer
