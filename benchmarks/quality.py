@@ -18,7 +18,10 @@ Metrics (see ``benchmarks/metrics.py``): FID with the Inception network (``main`
 samples), FID and KID in the features of a small classifier trained on the dataset, the test
 ELBO and importance-weighted bound in nats (EBM prior normalised by an importance-sampling
 estimate of log Z), the reconstruction MSE. Prints markdown tables (mean +- std over seeds),
-writes ``results_<dataset>_<parts>.json`` and figures into ``--out``.
+writes ``results_<dataset>_<parts>.json`` and figures into ``--out``. Every model trains through
+:class:`ebm_prior.Trainer` (the shared runs of ``ebm_prior.apps.training``), checkpointed in
+``<out>/<dataset>/models/<run>``: a stopped benchmark started again resumes every model where it
+stopped, and a larger ``--epochs`` continues finished ones.
 
     python benchmarks/quality.py --dataset digits --parts main,nef,scale,fig1
     python benchmarks/quality.py --dataset mnist --parts main,nef --seeds 0,1,2
@@ -46,15 +49,17 @@ from ebm_prior import (
     EpsLangevin,
     HierarchicalVAE,
     JointEBMPrior,
+    Trainer,
+    TrainingDivergenceError,
     auprc,
-    joint_loss,
     log_joint_score,
     log_likelihood,
     log_partition,
-    two_stage_loss,
 )
 from ebm_prior.apps import data as _data
 from ebm_prior.apps.images import save_grid as _save_grid
+from ebm_prior.apps.training import fit_elbo, fit_joint
+from ebm_prior.apps.training import fit_two_stage as _fit_two_stage
 
 if __package__:  # imported as benchmarks.quality (the tests, python -m benchmarks.quality)
     from . import metrics
@@ -259,77 +264,47 @@ def new_prior(vae: HierarchicalVAE, nef: int, args: argparse.Namespace) -> Joint
     )
 
 
-class Diverged(RuntimeError):
-    r"""A training run produced a non-finite loss."""
+def _folder(args: argparse.Namespace, name: str) -> str | None:
+    r"""The trainer's checkpoint folder of a run (``None`` at the tiny budget: not kept)."""
+
+    return None if args.tiny else os.path.join(args.out, args.dataset, "models", name)
 
 
-def _batches(n: int, batch_size: int, gen: torch.Generator):
-    return torch.randperm(n, generator=gen).split(batch_size)
+def train_gaussian(vae: HierarchicalVAE, x: torch.Tensor, epochs: int, args, seed: int,
+                   name: str | None = None) -> Trainer:  # fmt: skip
+    r"""Maximises the ELBO under the Gaussian prior (Adam, ``args.lr``; :func:`fit_elbo`),
+    checkpointed in ``models/<name>`` so a stopped run resumes."""
+
+    folder = None if name is None else _folder(args, name)
+    return fit_elbo(vae, x, epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                    checkpoint_dir=folder, progress=False)  # fmt: skip
 
 
-def train_gaussian(vae: HierarchicalVAE, x: torch.Tensor, epochs: int, args, seed: int) -> None:
-    r"""Maximises the ELBO under the Gaussian prior (Adam, ``args.lr``)."""
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
-    vae.train()
-    for epoch in range(epochs):
-        for idx in _batches(len(x), args.batch_size, gen):
-            loss = -vae.elbo(x[idx]).mean()
-            if not torch.isfinite(loss):
-                raise Diverged(f"non-finite ELBO at epoch {epoch}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    vae.eval()
+def _diagnostics(trainer: Trainer) -> dict[str, float]:
+    last = trainer.history[-1]
+    return {"f_pos": last["f_pos"], "f_neg": last["f_neg"], "train_s": _train_s(trainer)}
 
 
-def train_joint(vae, prior, x: torch.Tensor, args, seed: int) -> dict[str, float]:
-    r"""Variational joint learning of backbone and EBM prior (:func:`ebm_prior.joint_loss`)."""
+def train_joint(vae, prior, x: torch.Tensor, args, seed: int, name: str | None = None):
+    r"""Variational joint learning of backbone and EBM prior (:func:`fit_joint`)."""
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
-    opt_e = torch.optim.Adam(prior.parameters(), lr=args.ebm_lr, betas=(0.5, 0.999))
-    sampler = EpsLangevin(prior, vae, step_size=args.step_size, steps=args.langevin_steps,
-                          trace=False)  # fmt: skip
-    vae.train()
-    for epoch in range(args.epochs):
-        for idx in _batches(len(x), args.batch_size, gen):
-            z_neg = sampler(vae.sample_eps(len(idx))).z
-            out = joint_loss(prior, vae, x[idx], z_neg, reg=args.energy_reg)
-            if not torch.isfinite(out.loss):
-                raise Diverged(f"non-finite joint loss at epoch {epoch}")
-            opt.zero_grad()
-            opt_e.zero_grad()
-            out.loss.backward()
-            opt.step()
-            opt_e.step()
-    vae.eval()
-    return {"f_pos": out.f_pos.item(), "f_neg": out.f_neg.item()}
+    trainer = fit_joint(
+        vae, prior, x, args.epochs, batch_size=args.batch_size, lr=args.lr, ebm_lr=args.ebm_lr,
+        reg=args.energy_reg, step_size=args.step_size, steps=args.langevin_steps, seed=seed,
+        checkpoint_dir=None if name is None else _folder(args, name), progress=False,
+    )  # fmt: skip
+    return _diagnostics(trainer)
 
 
-def fit_two_stage(prior, vae, x: torch.Tensor, args, seed: int) -> dict[str, float]:
-    r"""Fits the EBM prior on the frozen backbone (:func:`ebm_prior.two_stage_loss`)."""
+def fit_two_stage(prior, vae, x: torch.Tensor, args, seed: int, name: str | None = None):
+    r"""Fits the EBM prior on the frozen backbone (``training.fit_two_stage``)."""
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    vae.eval().requires_grad_(False)
-    opt_e = torch.optim.Adam(prior.parameters(), lr=args.two_stage_lr, betas=(0.5, 0.999))
-    sampler = EpsLangevin(prior, vae, step_size=args.step_size, steps=args.langevin_steps,
-                          trace=False)  # fmt: skip
-    for epoch in range(args.two_stage_epochs):
-        for idx in _batches(len(x), args.batch_size, gen):
-            z_neg = sampler(vae.sample_eps(len(idx))).z
-            out = two_stage_loss(prior, vae, x[idx], z_neg, reg=args.energy_reg)
-            if not torch.isfinite(out.loss):
-                raise Diverged(f"non-finite EBM loss at epoch {epoch}")
-            opt_e.zero_grad()
-            out.loss.backward()
-            opt_e.step()
-    vae.requires_grad_(True)
-    return {"f_pos": out.f_pos.item(), "f_neg": out.f_neg.item()}
+    trainer = _fit_two_stage(
+        prior, vae, x, args.two_stage_epochs, batch_size=args.batch_size, lr=args.two_stage_lr,
+        reg=args.energy_reg, step_size=args.step_size, steps=args.langevin_steps, seed=seed,
+        checkpoint_dir=None if name is None else _folder(args, name), progress=False,
+    )  # fmt: skip
+    return _diagnostics(trainer)
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -444,27 +419,24 @@ def _record(results, part, model, seed, **values) -> dict:
     return row
 
 
+def _train_s(trainer: Trainer) -> float:
+    r"""Seconds of every step the model has had, over all the runs that resumed it."""
+
+    return float(sum(h["seconds"] for h in trainer.history))
+
+
 def _gaussian(ctx: Context, seed: int, cache: dict) -> tuple[HierarchicalVAE, float]:
-    r"""Model (a) of a seed: trained once per process, checkpointed in the output folder."""
+    r"""Model (a) of a seed: trained once per process, through its trainer's checkpoints."""
 
     if seed in cache:
         return cache[seed]
     a = ctx.args
-    n, lr = len(ctx.data["train"]), a.lr
-    path = os.path.join(ctx.dir, f"vae_a_seed{seed}_n{n}_e{a.epochs}_lr{lr:g}.pt")
     torch.manual_seed(seed)
     vae = new_backbone(a.dataset)
-    t0 = time.time()
-    if os.path.exists(path):
-        state = torch.load(path, weights_only=True)
-        train_s = float(state.pop("_train_s"))
-        vae.load_state_dict(state)
-        vae.eval()
-    else:
-        train_gaussian(vae, ctx.data["train"], a.epochs, a, seed)
-        train_s = time.time() - t0
-        torch.save({**vae.state_dict(), "_train_s": torch.tensor(train_s)}, path)
-    cache[seed] = (vae, train_s)
+    n = len(ctx.data["train"])
+    trainer = train_gaussian(vae, ctx.data["train"], a.epochs, a, seed, f"a_n{n}_seed{seed}")
+    vae.eval()
+    cache[seed] = (vae, _train_s(trainer))
     return cache[seed]
 
 
@@ -479,25 +451,23 @@ def run_main(ctx: Context, results: list, cache: dict) -> None:
         torch.manual_seed(seed)  # same initialisation as (a)
         joint_vae = new_backbone(a.dataset)
         joint = new_prior(joint_vae, a.nef, a)
-        t0 = time.time()
+        n = len(ctx.data["train"])
         try:
-            diag = train_joint(joint_vae, joint, ctx.data["train"], a, seed)
+            diag = train_joint(joint_vae, joint, ctx.data["train"], a, seed, f"b_n{n}_seed{seed}")
             m, x_b = ctx.evaluate(joint_vae, joint, seed, inception=True)
-            _record(results, "main", "b joint EBM prior", seed, train_s=time.time() - t0,
-                    params=params, **diag, **m)  # fmt: skip
-        except Diverged as e:
+            _record(results, "main", "b joint EBM prior", seed, params=params, **diag, **m)
+        except TrainingDivergenceError as e:
             x_b = None
             _record(results, "main", "b joint EBM prior", seed, diverged=str(e))
 
         torch.manual_seed(seed)
         prior = new_prior(vae, a.nef, a)
-        t0 = time.time()
-        diag = fit_two_stage(prior, vae, ctx.data["train"], a, seed)
-        train_s = time.time() - t0
-        cache[("prior", seed, a.nef)] = (prior, train_s, diag)
+        diag = fit_two_stage(prior, vae, ctx.data["train"], a, seed,
+                             f"c_nef{a.nef}_n{n}_seed{seed}")  # fmt: skip
+        cache[("prior", seed, a.nef)] = (prior, diag)
         m, x_c = ctx.evaluate(vae, prior, seed, inception=True)
-        _record(results, "main", "c two-stage EBM prior", seed, train_s=train_s, params=params,
-                nef=a.nef, **diag, **m)  # fmt: skip
+        _record(results, "main", "c two-stage EBM prior", seed, params=params, nef=a.nef,
+                **diag, **m)  # fmt: skip
         if seed == a.seeds[0]:
             grids = {"data": ctx.data["test_gray"], "a_gaussian": x_a, "c_two_stage": x_c}
             if x_b is not None:
@@ -517,17 +487,17 @@ def run_nef(ctx: Context, results: list, cache: dict) -> None:
         vae, _ = _gaussian(ctx, seed, cache)
         for nef in a.nefs:
             if ("prior", seed, nef) in cache:
-                prior, train_s, diag = cache[("prior", seed, nef)]
+                prior, diag = cache[("prior", seed, nef)]
             else:
                 torch.manual_seed(seed)
                 prior = new_prior(vae, nef, a)
-                t0 = time.time()
-                diag = fit_two_stage(prior, vae, ctx.data["train"], a, seed)
-                train_s = time.time() - t0
+                n = len(ctx.data["train"])
+                diag = fit_two_stage(prior, vae, ctx.data["train"], a, seed,
+                                     f"c_nef{nef}_n{n}_seed{seed}")  # fmt: skip
             m, _ = ctx.evaluate(vae, prior, seed)
             n_e = sum(p.numel() for p in prior.parameters())
-            _record(results, "nef", f"c nef={nef}", seed, train_s=train_s, nef=nef,
-                    energy_params=n_e, **diag, **m)  # fmt: skip
+            _record(results, "nef", f"c nef={nef}", seed, nef=nef, energy_params=n_e, **diag,
+                    **m)  # fmt: skip
 
 
 def run_scale(ctx: Context, results: list, cache: dict) -> None:
@@ -542,9 +512,10 @@ def run_scale(ctx: Context, results: list, cache: dict) -> None:
         for ratio in a.scales:
             torch.manual_seed(seed)
             vae = scaled_backbone(a.dataset, ratio)
-            t0 = time.time()
-            train_gaussian(vae, ctx.data["train"], a.epochs, a, seed)
-            train_s = time.time() - t0
+            n = len(ctx.data["train"])
+            trainer = train_gaussian(vae, ctx.data["train"], a.epochs, a, seed,
+                                     f"d_{ratio:g}x_n{n}_seed{seed}")  # fmt: skip
+            train_s = _train_s(trainer)
             m, x = ctx.evaluate(vae, None, seed)
             p = generator_params(vae)
             _record(results, "scale", f"d Gaussian, {ratio:g}x generator", seed, train_s=train_s,
@@ -574,12 +545,12 @@ def run_anomaly(ctx: Context, results: list, cache: dict) -> None:
             x = d["train"][:n][keep]
             torch.manual_seed(seed)
             vae = new_backbone(a.dataset)
-            t0 = time.time()
-            train_gaussian(vae, x, a.epochs, a, seed)
+            name = f"anomaly{k}_n{n}_seed{seed}"
+            trainer = train_gaussian(vae, x, a.epochs, a, seed, f"{name}_a")
             torch.manual_seed(seed)
             prior = new_prior(vae, a.nef, a)
-            fit_two_stage(prior, vae, x, a, seed)
-            train_s = time.time() - t0
+            diag = fit_two_stage(prior, vae, x, a, seed, f"{name}_c")
+            train_s = _train_s(trainer) + diag["train_s"]
             out = {"train_s": train_s, "train_images": int(keep.sum())}
             pos = d["test_y"] == k
             for name, p in (("gaussian", None), ("ebm", prior)):
@@ -616,10 +587,10 @@ def run_fig1(ctx: Context, results: list, cache: dict) -> None:
     for seed in a.seeds:
         torch.manual_seed(seed)
         vae = new_backbone(a.dataset, latent_dims=(2, 2))
-        train_gaussian(vae, x, fa.epochs, fa, seed)
+        train_gaussian(vae, x, fa.epochs, fa, seed, f"fig1_seed{seed}_a")
         torch.manual_seed(seed)
         prior = new_prior(vae, 32, a)
-        diag = fit_two_stage(prior, vae, x, fa, seed)
+        diag = fit_two_stage(prior, vae, x, fa, seed, f"fig1_seed{seed}_c")
         with torch.no_grad():
             torch.manual_seed(seed)
             post = vae.posterior(x[:n]).z

@@ -131,6 +131,30 @@ def test_gaussian_mmd_against_the_definition_and_its_law():
         metrics.gaussian_mmd(a, b[:, :2])
 
 
+def test_mmd_permutation_test_level_and_power():
+    r"""Under the null the p-value is (super-)uniform: over 200 independent pairs of samples
+    from one law, p <= 0.1 happens at most as often as a binomial(200, 0.1) allows at
+    alpha = 1e-4 (38 times); a shifted law is rejected every time at p <= 1/(1 + P)."""
+
+    rng = np.random.default_rng(0)
+    p_null = [
+        metrics.mmd_permutation_test(rng.normal(size=(30, 2)), rng.normal(size=(40, 2)),
+                                     permutations=99, seed=i)[1]
+        for i in range(200)
+    ]  # fmt: skip
+    assert sum(p <= 0.1 for p in p_null) <= 38
+    assert sum(p <= 0.5 for p in p_null) >= 62  # not a test that never rejects (binom. 1e-4)
+    for i in range(5):
+        mmd, p = metrics.mmd_permutation_test(rng.normal(size=(50, 2)),
+                                              rng.normal(size=(50, 2)) + [1.5, 0.0],
+                                              permutations=99, seed=i)  # fmt: skip
+        assert mmd > 0 and p == 0.01
+    a, b = rng.normal(size=(20, 3)), rng.normal(size=(25, 3))
+    assert metrics.mmd_permutation_test(a, b, permutations=5)[0] == pytest.approx(
+        metrics.gaussian_mmd(a, b), rel=1e-12
+    )
+
+
 def test_kid_is_near_zero_for_one_distribution_and_positive_otherwise():
     g = np.random.default_rng(2)
     a, b = g.normal(size=(1000, 8)), g.normal(size=(1000, 8))
