@@ -196,17 +196,20 @@ def trainer_for(model: str, vae, prior, x: torch.Tensor, args, seed: int, folder
                    **common)  # fmt: skip
 
 
-def train(model: str, seed: int, ctx: Context) -> tuple[HierarchicalVAE, Any, dict]:
-    r"""Trains (or resumes, or loads) a model; returns the backbone, the prior and statistics."""
+def train(
+    model: str, seed: int, x: torch.Tensor, args: argparse.Namespace, models_dir: str
+) -> tuple[HierarchicalVAE, Any, dict]:
+    r"""Trains (or resumes, or loads) ``model`` of ``seed`` on ``x`` (in [-1, 1]) in
+    ``models_dir/<model>_seed<seed>``; returns the backbone, the prior and statistics."""
 
-    a = ctx.args
-    folder = os.path.join(ctx.dir, "models", f"{model}_seed{seed}")
+    a = args
+    folder = os.path.join(models_dir, f"{model}_seed{seed}")
     if model == "ebm_two_stage":
-        vae, _, base = train("gaussian_vae", seed, ctx)
+        vae, _, base = train("gaussian_vae", seed, x, args, models_dir)
     else:
-        vae = new_backbone(a, ctx.x.shape[1:], seed)
+        vae = new_backbone(a, x.shape[1:], seed)
     prior = new_prior(vae, a, seed) if model.startswith("ebm") else None
-    trainer = trainer_for(model, vae, prior, ctx.x, a, seed, folder)
+    trainer = trainer_for(model, vae, prior, x, a, seed, folder)
     steps = a.epochs * trainer.steps_per_epoch
     t0 = time.time()
     history = trainer.fit(steps)
@@ -218,6 +221,9 @@ def train(model: str, seed: int, ctx: Context) -> tuple[HierarchicalVAE, Any, di
         if last and key in last[0]:
             stats[f"last_epoch_{key}"] = float(np.mean([h[key] for h in last]))
     print(f"  {model} seed {seed}: {steps} steps ({time.time() - t0:.0f} s this run)", flush=True)
+    if trainer.posterior_kwargs:  # the positives' chain (maximum likelihood)
+        stats["posterior_steps"] = trainer.posterior_kwargs["steps"]
+        stats["posterior_step_size"] = trainer.posterior_kwargs["step_size"]
     if prior is not None:
         prior.sampler_config = {k: trainer.sampler_kwargs[k] for k in ("step_size", "steps")}
     return vae, prior, stats
@@ -333,7 +339,7 @@ def run(ctx: Context) -> list[dict]:
             if (model, seed) in done:
                 print(f"  {model} seed {seed}: measured already", flush=True)
                 continue
-            vae, prior, stats = train(model, seed, ctx)
+            vae, prior, stats = train(model, seed, ctx.x, a, os.path.join(ctx.dir, "models"))
             m, x = ctx.evaluate(vae, prior, seed)
             row = {"dataset": a.dataset, "model": model, "seed": seed, "epochs": a.epochs,
                    "threads": torch.get_num_threads(), **stats, **m}  # fmt: skip

@@ -321,13 +321,27 @@ def hierarchical_bound(
 
 @torch.no_grad()
 def log_joint_score(
-    backbone: Backbone, x: Tensor, prior: Energy | None = None, samples: int = 1
+    backbone: Backbone,
+    x: Tensor,
+    prior: Energy | None = None,
+    samples: int = 1,
+    posterior: Literal["encoder", "langevin"] = "encoder",
+    *,
+    posterior_steps: int = 40,
+    posterior_step_size: float = 0.1,
+    generator: torch.Generator | None = None,
+    **sampler_options: Any,
 ) -> Tensor:
     r"""Returns the expected log joint at posterior samples (Pang et al.'s decision function).
 
     .. math:: s(x) = \frac{1}{S} \sum_{s=1}^S \Big[\log p(x \mid z^s) + \log p_b(z^s)
-              + f_a(z^s)\Big], \qquad z^s \sim q(z \mid x)
+              + f_a(z^s)\Big]
 
+    with :math:`z^s \sim q(z \mid x)` (``posterior="encoder"``: the backbone's inference
+    network) or :math:`z^s` drawn by ``posterior_steps`` of z-space Langevin on the model's own
+    posterior :math:`\log p(x \mid z) + f_a(z) + \log p_b(z)` from :math:`\mathcal{N}(0, I)`
+    (``posterior="langevin"``, :func:`~ebm_prior.sample_posterior`; the sampler of
+    maximum-likelihood learning, for models learned without an encoder, as in Pang et al.).
     An unnormalised score (:math:`\log Z` left out, the same for every :math:`x`), used for
     held-out-class anomaly detection; it is not a bound on :math:`\log p(x)`. For the
     out-of-distribution ratio :math:`LLR^{>k}` use :func:`llr_score`.
@@ -336,7 +350,14 @@ def log_joint_score(
         backbone: The backbone.
         x: A data batch with shape :math:`(B, *)`.
         prior: The energy :math:`f_a`, or ``None`` for the Gaussian prior.
-        samples: Number of posterior samples :math:`S`.
+        samples: Number of posterior samples :math:`S` (independent chains with
+            ``"langevin"``).
+        posterior: Where :math:`z^s` comes from: ``"encoder"`` or ``"langevin"``.
+        posterior_steps, posterior_step_size: The chains' length and step size
+            (``"langevin"``).
+        generator: Seeds the chains (``"langevin"``).
+        sampler_options: Further options of :func:`~ebm_prior.sample_posterior` (``mala``,
+            ``clip_grad``, ...).
 
     Returns:
         :math:`s(x)`, with shape :math:`(B,)`.
@@ -346,11 +367,25 @@ def log_joint_score(
         | https://arxiv.org/abs/2006.08205
     """
 
+    from .objectives import sample_posterior
+
     _check_samples(samples)
+    if posterior not in ("encoder", "langevin"):
+        raise ValueError(f"posterior must be 'encoder' or 'langevin', got {posterior!r}")
+    if posterior == "encoder" and (sampler_options or generator is not None):
+        raise ValueError("generator and sampler options apply to posterior='langevin' only")
     total = 0.0
     for _ in range(samples):
-        z = backbone.posterior(x).z
-        total = total + backbone.log_likelihood(x, z) + backbone.log_prior(z) + _energy(prior, z)
+        if posterior == "encoder":
+            z = backbone.posterior(x).z
+        else:
+            z = sample_posterior(
+                prior, backbone, x, steps=posterior_steps, step_size=posterior_step_size,
+                generator=generator, trace=False, **sampler_options,
+            ).z  # fmt: skip
+        with torch.no_grad():
+            total = total + backbone.log_likelihood(x, z) + backbone.log_prior(z)
+            total = total + _energy(prior, z)
     return total / samples
 
 

@@ -88,3 +88,17 @@ def test_paired_interval_is_the_t_interval():
     m, s, lo, hi = claim1.paired_interval([1.0, 2.0, 3.0, 4.0])
     assert (m, round(s, 6)) == (2.5, round((5 / 3) ** 0.5, 6))
     assert abs((hi - lo) / 2 - 3.182 * s / 2) < 1e-9
+
+
+def test_fig1_tiny_resumes_and_reports(tmp_path):
+    from benchmarks import fig1
+
+    out = fig1.main(["--tiny", "--out", str(tmp_path)])
+    assert {(r["model"], r["seed"]) for r in out["rows"]} == {
+        (m, s) for m in fig1.MODELS for s in (0, 1)
+    }
+    for r in out["rows"]:
+        assert 0 < r["p_base"] <= 1 and r["n"] == 64
+        assert ("p_ebm" in r) == (r["model"] == "ebm_mle")
+    assert "Paired, EBM model's EBM prior minus Gaussian model's prior (2 seeds)" in out["tables"]
+    assert fig1.main(["--tiny", "--out", str(tmp_path)])["rows"] == []

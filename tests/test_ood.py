@@ -460,3 +460,43 @@ def test_paired_auroc_difference_sign_and_checks():
         paired_auroc_difference(a, (a[0][:10], a[1]))
     with pytest.raises(ValueError, match="level must be"):
         paired_auroc_difference(a, a, level=1.0)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.8])
+def test_log_joint_score_langevin_matches_closed_form(lam):
+    r"""Pang et al.'s score at posterior-Langevin samples: with long MALA chains, z ~ p(z|x)
+    exactly, so E[s(x)] = E_{p(z|x)}[log p~(x, z)] = log p~(x) - H[p(z|x)], with p~ the
+    unnormalised joint (Gaussian here: posterior precision P_b + lam I + (c/sx)^2 e2 e2^T).
+    Short ULA chains (3 steps) miss it by far more than the tolerance."""
+
+    m = ScalarHierarchy()
+    a, s, c, sx = m.a, m.s, m.c, m.sx
+    mm = np.array([[1.0, 0.0], [a, s]])
+    prec_b = np.linalg.inv(mm @ mm.T)
+    x = 1.4
+    prec = prec_b + lam * np.eye(2) + np.diag([0.0, c**2 / sx**2])
+    cov = np.linalg.inv(prec)
+    mean = cov @ np.array([0.0, c * x / sx**2])
+
+    def log_joint(z):  # log p(x|z) + log p_b(z) - lam |z|^2 / 2, z: (2,)
+        lx = -0.5 * (x - c * z[1]) ** 2 / sx**2 - math.log(sx) - 0.5 * LOG_2PI
+        lz = -0.5 * z @ prec_b @ z - 0.5 * np.linalg.slogdet(mm @ mm.T)[1] - LOG_2PI
+        return lx + lz - 0.5 * lam * z @ z
+
+    # E[log p~(x, z)] for z ~ N(mean, cov): a quadratic, so log p~(x, mean) - tr(prec cov) / 2
+    exact = log_joint(mean) - 0.5 * np.trace(prec @ cov)
+    n = 4000
+    xs = torch.full((n, 1), x, dtype=torch.float64)
+    prior = _energy(lam) if lam else None
+    gen = torch.Generator().manual_seed(0)
+    score = log_joint_score(m, xs, prior, posterior="langevin", posterior_steps=200,
+                            posterior_step_size=0.3, mala=True, generator=gen)  # fmt: skip
+    mean_s, se = score.mean().item(), score.std().item() / math.sqrt(n)
+    assert abs(mean_s - exact) < 5 * se + 2e-3, (mean_s, exact, se)
+    short = log_joint_score(m, xs, prior, posterior="langevin", posterior_steps=3,
+                            posterior_step_size=0.05, generator=gen)  # fmt: skip
+    assert abs(short.mean().item() - exact) > 20 * se
+    with pytest.raises(ValueError, match="posterior must be"):
+        log_joint_score(m, xs, prior, posterior="mcmc")
+    with pytest.raises(ValueError, match="apply to posterior='langevin' only"):
+        log_joint_score(m, xs, prior, mala=True)
