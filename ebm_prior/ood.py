@@ -533,9 +533,11 @@ def paired_auroc_difference(
     resamples: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    metric: Literal["auroc", "auprc"] | Callable[[np.ndarray, np.ndarray], float] = "auroc",
 ) -> PairedInterval:
     r"""Returns :math:`AUROC_2 - AUROC_1` of two scores of the *same* data, with a paired
-    bootstrap percentile interval.
+    bootstrap percentile interval (or the same for another ``metric``: ``"auprc"`` for
+    :func:`auprc`, or any ``metric(scores_in, scores_out)``).
 
     Each resample draws the in-distribution and the out-of-distribution points with
     replacement (separately, keeping the class sizes) and scores both methods on the same draw,
@@ -547,6 +549,7 @@ def paired_auroc_difference(
         resamples: Number of bootstrap resamples.
         level: Coverage of the percentile interval.
         seed: Seed of the resampling.
+        metric: ``"auroc"``, ``"auprc"`` or a function of ``(scores_in, scores_out)``.
 
     Example:
         >>> g = np.random.default_rng(0)
@@ -568,14 +571,17 @@ def paired_auroc_difference(
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
         raise ValueError(f"resamples must be a positive int, got {resamples!r}")
+    metric = {"auroc": auroc, "auprc": auprc}.get(metric, metric)  # type: ignore[arg-type]
+    if not callable(metric):
+        raise ValueError(f"metric must be 'auroc', 'auprc' or a callable, got {metric!r}")
     rng = np.random.default_rng(seed)
     diffs = np.empty(resamples)
     for r in range(resamples):
         i = rng.integers(0, a_in.size, a_in.size)
         o = rng.integers(0, a_out.size, a_out.size)
-        diffs[r] = auroc(b_in[i], b_out[o]) - auroc(a_in[i], a_out[o])
+        diffs[r] = metric(b_in[i], b_out[o]) - metric(a_in[i], a_out[o])
     tail = (1 - level) / 2
     low, high = np.quantile(diffs, [tail, 1 - tail])
     return PairedInterval(
-        auroc(b_in, b_out) - auroc(a_in, a_out), float(low), float(high), float(level)
+        metric(b_in, b_out) - metric(a_in, a_out), float(low), float(high), float(level)
     )

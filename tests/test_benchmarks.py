@@ -102,3 +102,23 @@ def test_fig1_tiny_resumes_and_reports(tmp_path):
         assert ("p_ebm" in r) == (r["model"] == "ebm_mle")
     assert "Paired, EBM model's EBM prior minus Gaussian model's prior (2 seeds)" in out["tables"]
     assert fig1.main(["--tiny", "--out", str(tmp_path)])["rows"] == []
+
+
+def test_anomaly_split_and_tiny_run(tmp_path):
+    import torch
+
+    from benchmarks import anomaly
+
+    y = torch.arange(100) % 10
+    train, test_in, test_out = anomaly.split(y, 3)
+    assert len(train) == 72 and len(test_in) == 18 and len(test_out) == 10
+    assert (y[test_out] == 3).all() and (y[train] != 3).all() and (y[test_in] != 3).all()
+    assert not set(train.tolist()) & set(test_in.tolist())
+    out = anomaly.main(["--tiny", "--out", str(tmp_path)])
+    assert {(r["k"], r["seed"]) for r in out["rows"]} == {(1, 0), (1, 1)}
+    for r in out["rows"]:
+        assert 0 < r["auprc_gaussian"] <= 1 and 0 < r["auprc_ebm"] <= 1
+        assert r["diff_low"] <= r["diff"] <= r["diff_high"]
+        assert r["diff"] == r["auprc_ebm"] - r["auprc_gaussian"]
+    assert "| 1 | 2 |" in out["tables"]
+    assert anomaly.main(["--tiny", "--out", str(tmp_path)])["rows"] == []

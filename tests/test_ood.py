@@ -460,6 +460,12 @@ def test_paired_auroc_difference_sign_and_checks():
         paired_auroc_difference(a, (a[0][:10], a[1]))
     with pytest.raises(ValueError, match="level must be"):
         paired_auroc_difference(a, a, level=1.0)
+    # another metric: the AUPRC difference, with the difference on all data equal to auprc's
+    ci = paired_auroc_difference(a, worse, resamples=300, metric="auprc")
+    assert ci.difference == pytest.approx(auprc(*worse) - auprc(*a), abs=1e-12)
+    assert ci.high < 0
+    with pytest.raises(ValueError, match="metric must be"):
+        paired_auroc_difference(a, a, metric="f1")
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.8])
