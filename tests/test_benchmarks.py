@@ -122,3 +122,37 @@ def test_anomaly_split_and_tiny_run(tmp_path):
         assert r["diff"] == r["auprc_ebm"] - r["auprc_gaussian"]
     assert "| 1 | 2 |" in out["tables"]
     assert anomaly.main(["--tiny", "--out", str(tmp_path)])["rows"] == []
+
+
+def test_ceiling_tiny_and_the_gain_is_shift_invariant(tmp_path):
+    r"""G = E_q[f] - log E_p[e^f] does not change when a constant is added to f (the
+    Donsker-Varadhan bound), and is exactly 0 for f = 0; the tiny run records the Gaussian row,
+    a classifier ceiling and the curve for every width, and resumes without new rows."""
+
+    import argparse
+
+    import torch
+
+    from benchmarks import ceiling
+    from ebm_prior import HierarchicalVAE, JointEBMPrior
+
+    torch.manual_seed(0)
+    vae = HierarchicalVAE.from_config("digits")
+    f = JointEBMPrior(vae.latent_shapes, nef=8)
+
+    class Shifted(torch.nn.Module):
+        def forward(self, z):
+            return f(z) + 3.0
+
+    z = vae.eps_to_z(vae.sample_eps(50, generator=torch.Generator().manual_seed(1)))
+    a = argparse.Namespace(log_z_samples=2000)
+    g1, g2 = ceiling.gain(f, vae, z, a, 0)["gain"], ceiling.gain(Shifted(), vae, z, a, 0)["gain"]
+    assert abs(g1 - g2) < 1e-5 and abs(g1) > 1e-4  # float32 sums
+
+    out = ceiling.main(["--tiny", "--out", str(tmp_path)])
+    kinds = {(r["kind"], r["nef"], r["epoch"]) for r in out["rows"]}
+    assert ("gaussian", 0, 0) in kinds
+    for nef in (8, 16):
+        assert {("ceiling", nef, 0), ("two_stage", nef, 1), ("two_stage", nef, 2)} <= kinds
+    assert all(r["log_z_ess"] > 0 for r in out["rows"] if "log_z_ess" in r)
+    assert ceiling.main(["--tiny", "--out", str(tmp_path)])["rows"] == []

@@ -1,0 +1,301 @@
+r"""How far is the two-stage fit from its ceiling? The KL gap a prior on a frozen VAE can close.
+
+On a frozen backbone with aggregate posterior :math:`q_{agg}(z) = \mathbb{E}_x q(z \mid x)`, a
+prior :math:`p_b(z) e^{f(z)} / Z` raises the average ELBO by exactly
+
+.. math:: G(f) = \mathbb{E}_{q_{agg}}[f] - \log \mathbb{E}_{p_b}[e^{f}] \le
+          \mathrm{KL}(q_{agg} \,\|\, p_b),
+
+the Donsker-Varadhan bound, with equality at :math:`f = \log q_{agg} / p_b`. Two-stage fitting
+(:class:`ebm_prior.Trainer`, ``regime="two_stage"``) follows the gradient of :math:`G`, so
+:math:`G` is its progress and the KL its ceiling. This benchmark, on the ``gaussian_vae``
+backbone of ``claim1.py`` (trained first, ``--backbone-epochs``):
+
+* **ceiling**: the same energy network trained as a classifier (logistic loss, posterior
+  samples of the training images against base-prior samples, the noise-contrastive estimate of
+  the log-ratio), then :math:`G` of its logit on held-out posterior samples: a lower bound on
+  :math:`\mathrm{KL}(q_{agg} \| p_b)` reached by this architecture without Langevin chains;
+* **curve**: the Langevin two-stage fit, every ``--eval-every`` epochs: :math:`G` on held-out
+  posterior samples (the test images), with :math:`\log Z` by
+  :func:`ebm_prior.log_partition` (``method="auto"``: IS, or AIS below 100 effective samples;
+  its ESS and standard error are recorded), the held-out :math:`f(z^+) - f(z^-)` (negatives by
+  the training chain), and KID (:math:`\times 10^3`, classifier features) of decoded samples;
+* repeated for every energy width of ``--nefs`` (claim 3 at convergence).
+
+Rows go to ``<out>/ceiling.jsonl`` as they are measured; the fits train through checkpoints (a
+stopped run resumes, a larger ``--epochs`` continues). ``--report`` prints the table and draws
+``ceiling.png``::
+
+    python benchmarks/ceiling.py --seeds 0 --nefs 10,20,50,100 --epochs 40 --threads 1
+    python benchmarks/ceiling.py --report --out runs/ceiling
+    python benchmarks/ceiling.py --tiny --out /some/dir       # smoke run (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ebm_prior import EpsLangevin, JointEBMPrior, Trainer, log_partition
+
+if __package__:  # imported as benchmarks.ceiling
+    from . import claim1, metrics
+else:
+    import claim1
+    import metrics
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="mnist", choices=claim1.DATASETS)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--nefs", default="10,20,50,100", help="energy widths")
+    p.add_argument("--out", default="runs/ceiling")
+    p.add_argument("--backbone-epochs", type=int, default=10, help="gaussian_vae epochs")
+    p.add_argument("--epochs", type=int, default=40, help="two-stage epochs")
+    p.add_argument("--eval-every", type=int, default=2, help="epochs between evaluations")
+    p.add_argument("--lr", type=float, default=1e-4, help="two-stage energy learning rate")
+    p.add_argument("--langevin-steps", type=int, default=60)
+    p.add_argument("--step-size", type=float, default=0.4)
+    p.add_argument("--classifier-epochs", type=int, default=20)
+    p.add_argument("--classifier-lr", type=float, default=1e-3)
+    p.add_argument("--n-eval", type=int, default=2000, help="held-out posterior samples")
+    p.add_argument("--samples", type=int, default=1000, help="decoded samples for KID")
+    p.add_argument("--log-z-samples", type=int, default=50_000)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--latent-dims", default="16,32")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny budget (checks the pipeline only)")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--data-root", default="data")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.nefs = [int(s) for s in args.nefs.split(",")]
+    args.latent_dims = tuple(int(s) for s in args.latent_dims.split(","))
+    args.train_size, args.vae_lr = None, 1e-3
+    if args.tiny:
+        args.dataset, args.backbone_epochs, args.epochs, args.eval_every = "digits", 1, 2, 1
+        args.nefs = args.nefs if args.nefs != [10, 20, 50, 100] else [8, 16]
+        args.classifier_epochs, args.n_eval, args.samples, args.log_z_samples = 1, 64, 64, 500
+        args.langevin_steps, args.hidden, args.checkpoint_every = 3, 32, 1
+    return args
+
+
+@torch.no_grad()
+def posterior(vae, x: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        parts = [vae.posterior(c).z for c in x.split(1000)]
+    return [torch.cat(z) for z in zip(*parts)]
+
+
+def gain(f, vae, z_test: list[torch.Tensor], args, seed: int) -> dict[str, float]:
+    r""":math:`G = \overline{f(z^+_{test})} - \log Z` with the diagnostics of :math:`\log Z`."""
+
+    with torch.no_grad():
+        f_pos = f(z_test).mean().item()
+    lz = log_partition(f, vae, args.log_z_samples, generator=torch.Generator().manual_seed(seed),
+                       method="auto", keep_log_weights=False)  # fmt: skip
+    return {"gain": f_pos - lz.value, "f_pos": f_pos, "log_z": lz.value,
+            "log_z_se": lz.std_error, "log_z_ess": lz.ess, "log_z_method": lz.method}  # fmt: skip
+
+
+def classifier_ceiling(vae, x: torch.Tensor, z_test, nef: int, args, seed: int) -> dict:
+    r"""Trains the energy network as a logistic classifier of posterior against base-prior
+    samples (fresh draws every batch, balanced) and returns :func:`gain` of its logit."""
+
+    torch.manual_seed(seed + 50_000)
+    net = JointEBMPrior(vae.latent_shapes, nef=nef)
+    bias = torch.nn.Parameter(torch.zeros(()))
+    opt = torch.optim.Adam([*net.parameters(), bias], lr=args.classifier_lr)
+    gen = torch.Generator().manual_seed(seed + 60_000)
+    t0 = time.time()
+    for _ in range(args.classifier_epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(args.batch_size):
+            with torch.no_grad():
+                z_pos = vae.posterior(x[idx]).z
+                z_neg = vae.eps_to_z(vae.sample_eps(len(idx), generator=gen))
+            logits = torch.cat([net(z_pos), net(z_neg)]) + bias
+            labels = torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))])
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError("the classifier's loss is not finite")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval().requires_grad_(False)
+    with torch.no_grad():
+        z_neg = vae.eps_to_z(vae.sample_eps(len(z_test[0]), generator=gen))
+        acc = 0.5 * ((net(z_test) + bias > 0).double().mean()
+                     + (net(z_neg) + bias < 0).double().mean()).item()  # fmt: skip
+    return {**gain(net, vae, z_test, args, seed), "accuracy": acc, "train_s": time.time() - t0}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    os.makedirs(args.out, exist_ok=True)
+    data = claim1.load_data(args)
+    x, test = data["train"] * 2 - 1, data["test"] * 2 - 1
+    classifier = metrics.ClassifierFeatures(
+        data["train"], data["train_y"], os.path.join(args.out, f"classifier_{args.dataset}"
+                                                               ".safetensors"),
+        epochs=1 if args.tiny else 5,
+    )  # fmt: skip
+    real = classifier(data["test"][: args.samples])
+    path = os.path.join(args.out, "ceiling.jsonl")
+    done = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            done = {(r["kind"], r["nef"], r["seed"], r["epoch"]) for r in map(json.loads, f)}
+    rows = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
+        print(f"  {row['kind']} nef {row['nef']} seed {row['seed']} epoch {row['epoch']}: "
+              f"{shown}", flush=True)  # fmt: skip
+
+    def kid(vae, prior, seed: int) -> float:
+        g = torch.Generator().manual_seed(seed + 10_000)
+        eps = vae.sample_eps(args.samples, generator=g)
+        if prior is not None:
+            eps = EpsLangevin(prior, vae, generator=g, trace=False, **prior.sampler_config)(eps).x
+        with torch.no_grad():
+            img = ((vae.decode(vae.eps_to_z(eps)) + 1) / 2).clamp(0, 1)
+        return 1e3 * metrics.kernel_inception_distance(classifier(img), real, seed=seed)
+
+    for seed in args.seeds:
+        backbone_args = argparse.Namespace(**{**vars(args), "epochs": args.backbone_epochs})
+        vae, _, stats = claim1.train("gaussian_vae", seed, x, backbone_args,
+                                     os.path.join(args.out, "models"))  # fmt: skip
+        vae.requires_grad_(False)
+        z_test = posterior(vae, test[: args.n_eval], seed + 70_000)
+        if ("gaussian", 0, seed, 0) not in done:
+            record({"kind": "gaussian", "nef": 0, "seed": seed, "epoch": 0, "gain": 0.0,
+                    "kid_cls": kid(vae, None, seed),
+                    "backbone_train_s": stats["train_s"]})  # fmt: skip
+        for nef in args.nefs:
+            if ("ceiling", nef, seed, 0) not in done:
+                record({"kind": "ceiling", "nef": nef, "seed": seed, "epoch": 0,
+                        **classifier_ceiling(vae, x, z_test, nef, args, seed)})  # fmt: skip
+            torch.manual_seed(seed + 1_000)
+            sampler = {"steps": args.langevin_steps, "step_size": args.step_size}
+            prior = JointEBMPrior(vae.latent_shapes, nef=nef, sampler_config=sampler)
+            trainer = Trainer(
+                prior, vae, x, regime="two_stage", batch_size=args.batch_size, lr=args.lr,
+                langevin_steps=args.langevin_steps, step_size=args.step_size, seed=seed,
+                checkpoint_dir=os.path.join(args.out, "models", f"two_stage_nef{nef}_seed{seed}"),
+                checkpoint_every=args.checkpoint_every, progress=args.progress,
+            )  # fmt: skip
+            for epoch in range(args.eval_every, args.epochs + 1, args.eval_every):
+                trainer.fit(epoch * trainer.steps_per_epoch)
+                if ("two_stage", nef, seed, epoch) in done:
+                    continue
+                prior.eval()
+                row = {"kind": "two_stage", "nef": nef, "seed": seed, "epoch": epoch,
+                       **gain(prior, vae, z_test, args, seed)}  # fmt: skip
+                g = torch.Generator().manual_seed(seed + 80_000)
+                eps = vae.sample_eps(len(z_test[0]), generator=g)
+                z_neg = EpsLangevin(prior, vae, generator=g, trace=False, **sampler)(eps).z
+                with torch.no_grad():
+                    row["f_gap"] = row["f_pos"] - prior(z_neg).mean().item()
+                row["kid_cls"] = kid(vae, prior, seed)
+                row["train_s"] = float(sum(h["seconds"] for h in trainer.history))
+                record(row)
+    return rows
+
+
+def report(out: str) -> str:
+    with open(os.path.join(out, "ceiling.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    lines = ["| nef | seed | ceiling G (classifier) | accuracy | best two-stage G | at epoch | "
+             "last epoch | last G | log Z (method, ESS) | f(z+) - f(z-) | KID cls x1e3 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for seed in sorted({r["seed"] for r in rows}):
+        base = [r for r in rows if r["kind"] == "gaussian" and r["seed"] == seed]
+        if base:
+            lines.append(f"| Gaussian | {seed} | 0 | - | - | - | - | - | - | - | "
+                         f"{base[0]['kid_cls']:.2f} |")  # fmt: skip
+        for nef in sorted({r["nef"] for r in rows if r["nef"]}):
+            ceil = [r for r in rows if r["kind"] == "ceiling" and r["nef"] == nef
+                    and r["seed"] == seed]  # fmt: skip
+            curve = sorted((r for r in rows if r["kind"] == "two_stage" and r["nef"] == nef
+                            and r["seed"] == seed), key=lambda r: r["epoch"])  # fmt: skip
+            if not curve and not ceil:
+                continue
+            c = f"{ceil[0]['gain']:.3f}" if ceil else "-"
+            a = f"{ceil[0]['accuracy']:.3f}" if ceil else "-"
+            if curve:
+                best, last = max(curve, key=lambda r: r["gain"]), curve[-1]
+                lines.append(
+                    f"| {nef} | {seed} | {c} | {a} | {best['gain']:.3f} | {best['epoch']} | "
+                    f"{last['epoch']} | {last['gain']:.3f} | {last['log_z']:.3f} "
+                    f"({last['log_z_method']}, {last['log_z_ess']:.0f}) | {last['f_gap']:.3f} | "
+                    f"{last['kid_cls']:.2f} |"
+                )
+            else:
+                lines.append(f"| {nef} | {seed} | {c} | {a} | - | - | - | - | - | - | - |")
+    text = "\n".join(lines)
+    with open(os.path.join(out, "ceiling.md"), "w") as f:
+        f.write(text + "\n")
+    _figure(rows, os.path.join(out, "ceiling.png"))
+    print(text)
+    return text
+
+
+def _figure(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, nef in enumerate(sorted({r["nef"] for r in rows if r["nef"]})):
+        for seed in sorted({r["seed"] for r in rows}):
+            curve = sorted((r for r in rows if r["kind"] == "two_stage" and r["nef"] == nef
+                            and r["seed"] == seed), key=lambda r: r["epoch"])  # fmt: skip
+            color, first = f"C{i}", seed == min(r["seed"] for r in rows)
+            if curve:
+                ax.plot([r["epoch"] for r in curve], [r["gain"] for r in curve], color=color,
+                        marker="o", label=f"two-stage, nef {nef}" if first else None)  # fmt: skip
+            for r in rows:
+                if r["kind"] == "ceiling" and r["nef"] == nef and r["seed"] == seed:
+                    label = f"classifier ceiling, nef {nef}" if first else None
+                    ax.axhline(r["gain"], color=color, ls="--", label=label)
+    ax.set(xlabel="two-stage epochs", ylabel="G = E_q[f] - log Z (nats)",
+           title="ELBO gain of the prior on a frozen VAE")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.report:
+        return {"tables": report(args.out)}
+    t0 = time.time()
+    rows = run(args)
+    text = report(args.out)
+    print(f"\nwall time {time.time() - t0:.0f} s ({' '.join(sys.argv[1:])})")
+    return {"rows": rows, "tables": text}
+
+
+if __name__ == "__main__":
+    main()
