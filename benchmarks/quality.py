@@ -58,7 +58,7 @@ from ebm_prior import (
 )
 from ebm_prior.apps import data as _data
 from ebm_prior.apps.images import save_grid as _save_grid
-from ebm_prior.apps.training import fit_elbo, fit_joint
+from ebm_prior.apps.training import fit_elbo, fit_elbo_to_plateau, fit_joint
 from ebm_prior.apps.training import fit_two_stage as _fit_two_stage
 
 if __package__:  # imported as benchmarks.quality (the tests, python -m benchmarks.quality)
@@ -108,6 +108,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--nef", type=int, default=100, help="energy width of (b) and (c)")
     g.add_argument("--nefs", default="10,20,50,100", help="energy widths of the nef sweep")
     g.add_argument("--scales", default="2,4,8", help="generator-parameter ratios of 'scale'")
+    g.add_argument(
+        "--plateau",
+        action="store_true",
+        help="'scale': train every model (1x too) to a validation-ELBO plateau",
+    )
+    g.add_argument("--max-epochs", type=int, help="--plateau: epoch cap (1000 / 100)")
+    g.add_argument("--patience", type=int, default=5, help="--plateau: epochs without gain")
+    g.add_argument("--min-delta", type=float, default=0.05, help="--plateau: gain in nats")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="--plateau: held out")
     g.add_argument("--langevin-steps", type=int, default=50, help="prior Langevin steps")
     g.add_argument("--step-size", type=float, default=0.3, help="Langevin step size s")
     g.add_argument("--eval-steps", type=int, help="Langevin steps for samples (default: train)")
@@ -142,12 +151,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         log_z_samples=50_000 if small else 20_000,
         anomaly_train_size=None if small else 6_000,
         anomaly_iw_samples=20 if small else 10,
+        max_epochs=1000 if small else 100,
     )
     if args.tiny:
         defaults.update(
             train_size=200, test_size=64, epochs=1, two_stage_epochs=1, samples=64,
             inception_samples=0, inception_real=8, iw_samples=2, log_z_samples=200,
-            anomaly_train_size=300, anomaly_iw_samples=2,
+            anomaly_train_size=300, anomaly_iw_samples=2, max_epochs=3,
         )  # fmt: skip
         defaults["classifier_epochs"], args.langevin_steps = 1, 3
         args.ais_chains, args.ais_temperatures = 128, 10
@@ -501,7 +511,14 @@ def run_nef(ctx: Context, results: list, cache: dict) -> None:
 
 
 def run_scale(ctx: Context, results: list, cache: dict) -> None:
+    r"""Gaussian-prior models with 2x / 4x / 8x the generator. With ``--plateau`` every model,
+    the 1x base included, trains until its validation ELBO (a held-out ``--val-fraction`` of
+    the training images) stops improving (:func:`fit_elbo_to_plateau`), so that size is not
+    confounded with under-training."""
+
     a = ctx.args
+    if a.plateau:
+        return _run_scale_plateau(ctx, results)
     base = generator_params(new_backbone(a.dataset))
     for ratio in a.scales:
         vae = scaled_backbone(a.dataset, ratio)
@@ -524,6 +541,35 @@ def run_scale(ctx: Context, results: list, cache: dict) -> None:
             if seed == a.seeds[0]:
                 save_grid(x[:100], os.path.join(ctx.dir, f"samples_d_{ratio:g}x.png"),
                           f"Gaussian prior, {ratio:g}x generator")  # fmt: skip
+
+
+def _run_scale_plateau(ctx: Context, results: list) -> None:
+    a = ctx.args
+    base = generator_params(new_backbone(a.dataset))
+    x = ctx.data["train"]
+    n_val = max(1, int(a.val_fraction * len(x)))
+    x_train, x_val = x[:-n_val], x[-n_val:]
+    for seed in a.seeds:
+        for ratio in [1.0, *[r for r in a.scales if r != 1]]:
+            torch.manual_seed(seed)
+            vae = new_backbone(a.dataset) if ratio == 1 else scaled_backbone(a.dataset, ratio)
+            name = f"plateau_d_{ratio:g}x_n{len(x_train)}_seed{seed}"
+            trainer, curve = fit_elbo_to_plateau(
+                vae, x_train, x_val, max_epochs=a.max_epochs, patience=a.patience,
+                min_delta=a.min_delta, batch_size=a.batch_size, lr=a.lr, seed=seed,
+                checkpoint_dir=_folder(a, name), progress=False,
+            )  # fmt: skip
+            vae.eval()
+            known = [v for v in curve if v is not None]
+            m, x_gen = ctx.evaluate(vae, None, seed)
+            p = generator_params(vae)
+            _record(results, "scale", f"d Gaussian, {ratio:g}x generator, to plateau", seed,
+                    train_s=_train_s(trainer), params=p, ratio=p / base, epochs=len(curve),
+                    plateau=len(curve) < a.max_epochs, val_elbo=known[-1],
+                    best_val_elbo=max(known), **m)  # fmt: skip
+            if seed == a.seeds[0]:
+                save_grid(x_gen[:100], os.path.join(ctx.dir, f"samples_d_{ratio:g}x_plateau.png"),
+                          f"Gaussian prior, {ratio:g}x generator, to plateau")  # fmt: skip
 
 
 def run_anomaly(ctx: Context, results: list, cache: dict) -> None:
@@ -718,6 +764,7 @@ def tables(rows: list[dict]) -> str:
                 ("f_neg", "f(z-)", ".2f"),
                 ("train_s", "train s", ".0f")],
         "scale": [("params", "generator params", ",.0f"), ("ratio", "ratio", ".2f"),
+                  ("epochs", "epochs", ".0f"), ("best_val_elbo", "best val. ELBO", ".2f"),
                   ("fid_cls", "FID cls", ".2f"), ("kid_cls", "KID cls", ".1f"),
                   ("elbo", "test ELBO", ".2f"), ("iw", "log p(x) IW", ".2f"),
                   ("mse", "MSE", ".4f"), ("train_s", "train s", ".0f")],

@@ -245,3 +245,18 @@ def test_every_setting_is_defined_at_full_and_tiny_budget(tiny):
     used = set(re.findall(r"\ba\.([a-z_]+)", source)) | set(re.findall(r"args\.([a-z_]+)", source))
     missing = sorted(n for n in used if not hasattr(args, n) and n not in {"split"})
     assert not missing, missing
+
+
+def test_scale_to_plateau_tiny(tmp_path):
+    """--plateau trains the 1x base and every ratio until the validation ELBO stalls (here the
+    tiny cap of 3 epochs), each recording its epochs and validation curve."""
+
+    out = quality.main(["--tiny", "--parts", "scale", "--plateau", "--out", str(tmp_path)])
+    rows = out["rows"]
+    assert [r["model"] for r in rows] == [
+        "d Gaussian, 1x generator, to plateau",
+        "d Gaussian, 2x generator, to plateau",
+    ]
+    for r in rows:
+        assert 1 <= r["epochs"] <= 3 and r["best_val_elbo"] >= r["val_elbo"]
+    assert rows[1]["ratio"] > 1.5 and abs(rows[0]["ratio"] - 1) < 1e-9

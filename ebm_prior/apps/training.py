@@ -1,7 +1,8 @@
 r"""The training runs the applications share, each one :class:`ebm_prior.Trainer` call.
 
 * :func:`fit_elbo`: any backbone by its own ELBO under the Gaussian prior
-  (``regime="joint"``, ``prior=None``);
+  (``regime="joint"``, ``prior=None``); :func:`fit_elbo_to_plateau` the same until the
+  validation ELBO stops improving;
 * :func:`fit_joint`: the reference VAE and the joint EBM prior together (variational joint
   learning, ``regime="joint"``);
 * :func:`fit_two_stage`: the joint EBM prior on a frozen backbone (``regime="two_stage"``).
@@ -14,14 +15,26 @@ exact resume from ``checkpoint_dir``, atomic checkpoints, ``history.csv``) and r
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from ebm_prior import Backbone, HierarchicalVAE, JointEBMPrior, Trainer
+from ebm_prior.hub import atomic_write
 
-__all__ = ["fit_elbo", "fit_joint", "fit_two_stage", "parameter_groups"]
+__all__ = [
+    "elbo_trainer",
+    "fit_elbo",
+    "fit_elbo_to_plateau",
+    "fit_joint",
+    "fit_two_stage",
+    "parameter_groups",
+    "validation_elbo",
+]
 
 
 def parameter_groups(backbone: Backbone) -> dict[str, list[nn.Parameter]]:
@@ -64,14 +77,93 @@ def fit_elbo(
     :math:`\log p(x \mid z) + \log p_b(z) - \log q(z \mid x)`, :math:`z \sim q(z \mid x)`
     reparameterised, for ``epochs`` epochs. The backbone is left in eval mode."""
 
-    groups = parameter_groups(backbone)
-    trainer = Trainer(
-        None, backbone, data, regime="joint", batch_size=min(batch_size, len(data)), seed=seed,
-        checkpoint_dir=checkpoint_dir, progress=progress, **groups, **_rates(groups, lr),
-    )  # fmt: skip
+    trainer = elbo_trainer(backbone, data, batch_size=batch_size, lr=lr, seed=seed,
+                           checkpoint_dir=checkpoint_dir, progress=progress)  # fmt: skip
     trainer.fit(_steps(trainer, epochs))
     backbone.requires_grad_(False)
     return trainer
+
+
+def elbo_trainer(
+    backbone: Backbone,
+    data: Tensor,
+    *,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> Trainer:
+    r"""The :class:`~ebm_prior.Trainer` of :func:`fit_elbo`, not yet run."""
+
+    groups = parameter_groups(backbone)
+    return Trainer(
+        None, backbone, data, regime="joint", batch_size=min(batch_size, len(data)), seed=seed,
+        checkpoint_dir=checkpoint_dir, progress=progress, **groups, **_rates(groups, lr),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def validation_elbo(backbone: Backbone, x: Tensor, seed: int = 0) -> float:
+    r"""The mean single-sample ELBO of ``x`` in nats, with the posterior draws of ``seed``
+    (the same draws at every call, so that successive values differ by the model only)."""
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        total = 0.0
+        for c in x.split(500):
+            post = backbone.posterior(c)
+            elbo = backbone.log_likelihood(c, post.z) + backbone.log_prior(post.z) - post.log_q
+            total += float(elbo.sum())
+    return total / len(x)
+
+
+def fit_elbo_to_plateau(
+    backbone: Backbone,
+    data: Tensor,
+    validation: Tensor,
+    *,
+    max_epochs: int,
+    patience: int = 3,
+    min_delta: float = 0.1,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> tuple[Trainer, list[float | None]]:
+    r""":func:`fit_elbo` one epoch at a time until the validation ELBO
+    (:func:`validation_elbo`) has not improved on its best by ``min_delta`` nats for
+    ``patience`` epochs, or ``max_epochs`` have run. Returns the trainer (at the last epoch) and
+    the validation ELBO after every epoch. With a ``checkpoint_dir``, the curve is saved next to
+    the trainer's checkpoint (``plateau.json``, atomically), so a stopped run resumes it (an
+    epoch checkpointed but not yet in the curve is recorded as ``None``)."""
+
+    trainer = elbo_trainer(backbone, data, batch_size=batch_size, lr=lr, seed=seed,
+                           checkpoint_dir=checkpoint_dir, progress=progress)  # fmt: skip
+    path = None if checkpoint_dir is None else Path(checkpoint_dir) / "plateau.json"
+    curve: list[float | None] = []
+    if path is not None and path.exists():
+        curve = json.loads(path.read_text())["validation_elbo"]
+    trainer.fit(len(curve) * trainer.steps_per_epoch)  # loads the checkpoint, if any
+    # a run stopped between the checkpoint and plateau.json: those epochs' values are unknown
+    curve += [None] * (-(-trainer.step // trainer.steps_per_epoch) - len(curve))
+
+    def stalled() -> bool:
+        known = [v for v in curve if v is not None]
+        if len(known) <= patience:
+            return False
+        return max(known[-patience:]) < max(known[:-patience]) + min_delta
+
+    while len(curve) < max_epochs and not stalled():
+        trainer.fit((len(curve) + 1) * trainer.steps_per_epoch)
+        curve.append(validation_elbo(backbone, validation, seed))
+        if path is not None:
+            text = json.dumps({"validation_elbo": curve, "patience": patience,
+                               "min_delta": min_delta})  # fmt: skip
+            atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
+    backbone.requires_grad_(False)
+    return trainer, curve
 
 
 def fit_joint(
