@@ -176,9 +176,10 @@ def trainer_for(model: str, vae, prior, x: torch.Tensor, args, seed: int, folder
 
     common = dict(batch_size=args.batch_size, seed=seed, checkpoint_dir=folder,
                   checkpoint_every=args.checkpoint_every, progress=args.progress)  # fmt: skip
-    if args.tiny:
-        common.update(langevin_steps=3, posterior_steps=3) if model.endswith("mle") else None
-        common.update(langevin_steps=3) if model == "ebm_joint" else None
+    if args.tiny and model.endswith("mle"):
+        common.update(langevin_steps=3, posterior_steps=3)
+    elif args.tiny and model == "ebm_joint":
+        common.update(langevin_steps=3)
     if model in ("gaussian_mle", "ebm_mle"):
         return Trainer(prior, vae, x, regime="mle", generator_params=vae.decoder.parameters(),
                        backbone_prior_params=vae.prior_nets.parameters(), **common)  # fmt: skip
