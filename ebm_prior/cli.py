@@ -21,7 +21,11 @@ from ._version import __version__
 
 #: subcommand -> (module of :mod:`ebm_prior.apps`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train-digits": ("train_digits", "the main job: Gaussian vs EBM prior on 8x8 digits"),
+    "train-digits": ("train_digits", "Gaussian vs EBM priors, three ways, on 8x8 digits"),
+    "compare-priors": (
+        "compare_priors",
+        "Gaussian vs EBM prior on one MNIST backbone, paired over seeds",
+    ),
     "sample-digits": ("sample_digits", "sample a saved or pulled prior on the digits VAE"),
     "hierarchical-reconstruction": (
         "hierarchical_reconstruction",

