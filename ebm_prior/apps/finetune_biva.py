@@ -1,13 +1,13 @@
 r"""Fit a joint EBM prior two-stage on a pretrained BIVA, then sample from it.
 
-Loads a training session of ``biva-pytorch``'s ``run_deepvae.py`` (a directory with
-``hyperparameters.p``, ``config.json`` and ``model.pth``) with ``BIVABackbone.from_logdir``,
-freezes it, fits the energy networks on its posterior samples (supplement 1.2), saves the prior
-with ``save_pretrained`` and writes a grid of samples from the Gaussian prior and from the EBM
-prior (same starting noise).
+Loads a training session of ``run_deepvae.py`` (the training script of the biva-pytorch GitHub
+repository, not in the PyPI package; see docs/biva.md), a directory with ``hyperparameters.p``,
+``config.json`` and ``model.pth``, with ``BIVABackbone.from_logdir``; freezes it, fits the energy
+networks on its posterior samples (supplement 1.2), saves the prior with ``save_pretrained`` and
+writes a grid of samples from the Gaussian prior and from the EBM prior (same starting noise).
 
 Without ``--logdir`` it first trains a small BIVA on scikit-learn's 8x8 digits (no download) and
-writes it in the package's session format, so the whole path runs offline. With ``--logdir``,
+writes it in that script's session format, so the whole path runs offline. With ``--logdir``,
 pass the data the model was trained on as ``--data-file`` (a ``.npy`` or ``.pt`` array of shape
 ``(N, C, H, W)``, in the model's range: {0, 1} for Bernoulli, [-1, 1] for discretised logistics).
 
