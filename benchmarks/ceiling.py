@@ -191,8 +191,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 record({"kind": "ceiling", "nef": nef, "seed": seed, "epoch": 0,
                         **classifier_ceiling(vae, x, z_test, nef, args, seed)})  # fmt: skip
             torch.manual_seed(seed + 1_000)
-            sampler = {"steps": args.langevin_steps, "step_size": args.step_size}
-            prior = JointEBMPrior(vae.latent_shapes, nef=nef, sampler_config=sampler)
+            prior = JointEBMPrior(
+                vae.latent_shapes, nef=nef,
+                sampler_config={"steps": args.langevin_steps, "step_size": args.step_size},
+            )  # fmt: skip
             trainer = Trainer(
                 prior, vae, x, regime="two_stage", batch_size=args.batch_size, lr=args.lr,
                 langevin_steps=args.langevin_steps, step_size=args.step_size, seed=seed,
@@ -208,7 +210,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                        **gain(prior, vae, z_test, args, seed)}  # fmt: skip
                 g = torch.Generator().manual_seed(seed + 80_000)
                 eps = vae.sample_eps(len(z_test[0]), generator=g)
-                z_neg = EpsLangevin(prior, vae, generator=g, trace=False, **sampler)(eps).z
+                chain = EpsLangevin(prior, vae, generator=g, trace=False, **prior.sampler_config)
+                z_neg = chain(eps).z
                 with torch.no_grad():
                     row["f_gap"] = row["f_pos"] - prior(z_neg).mean().item()
                 row["kid_cls"] = kid(vae, prior, seed)

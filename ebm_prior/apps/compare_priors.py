@@ -114,8 +114,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
              checkpoint_dir=os.path.join(folder, "vae"), progress=False)  # fmt: skip
     vae.eval()
     torch.manual_seed(seed)
-    sampler = {"step_size": args.step_size, "steps": args.langevin_steps}
-    prior = JointEBMPrior(vae.latent_shapes, nef=args.nef, sampler_config=sampler,
+    prior = JointEBMPrior(vae.latent_shapes, nef=args.nef,
+                          sampler_config={"step_size": args.step_size,
+                                          "steps": args.langevin_steps},
                           backbone=vae.fingerprint())  # fmt: skip
     fit_two_stage(
         prior, vae, train, args.two_stage_epochs, batch_size=args.batch_size, lr=args.ebm_lr,
