@@ -24,9 +24,7 @@ checkpoints (a stopped run resumes)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 
@@ -101,10 +99,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     data = claim1.load_data(args)
     x_all, y = data["train"] * 2 - 1, data["train_y"]
     path = os.path.join(args.out, "anomaly.jsonl")
-    done = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            done = {(r["k"], r["seed"]) for r in map(json.loads, f) if r["epochs"] == args.epochs}
+    done = {(r["k"], r["seed"]) for r in claim1.read_rows(path) if r["epochs"] == args.epochs}
     rows = []
     for k in args.classes:
         train, test_in, test_out = split(y, k)
@@ -135,8 +130,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             row.update(diff=ci.difference, diff_low=ci.low, diff_high=ci.high)  # fmt: skip
             row["positive_rate"] = len(test_out) / (len(test_in) + len(test_out))
             rows.append(row)
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            claim1.append_row(path, row)
             print(f"  held-out {k} seed {seed}: AUPRC Gaussian {row['auprc_gaussian']:.3f}, EBM "
                   f"{row['auprc_ebm']:.3f}, EBM - Gaussian {ci.difference:+.3f} "
                   f"[{ci.low:+.3f}, {ci.high:+.3f}]", flush=True)  # fmt: skip
@@ -144,8 +138,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def report(out: str) -> str:
-    with open(os.path.join(out, "anomaly.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = claim1.read_rows(os.path.join(out, "anomaly.jsonl"))
     lines = []
     for epochs in sorted({r["epochs"] for r in rows}):
         sub = [r for r in rows if r["epochs"] == epochs]
@@ -171,17 +164,7 @@ def report(out: str) -> str:
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.report:
-        return {"tables": report(args.out)}
-    t0 = time.time()
-    rows = run(args)
-    text = report(args.out)
-    print(f"\nwall time {time.time() - t0:.0f} s ({' '.join(sys.argv[1:])})")
-    return {"rows": rows, "tables": text}
+main = claim1.main_of(parse_args, run, report)
 
 
 if __name__ == "__main__":

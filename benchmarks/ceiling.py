@@ -34,9 +34,7 @@ stopped run resumes, a larger ``--epochs`` continues). ``--report`` prints the t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 
@@ -153,16 +151,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     )  # fmt: skip
     real = classifier(data["test"][: args.samples])
     path = os.path.join(args.out, "ceiling.jsonl")
-    done = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            done = {(r["kind"], r["nef"], r["seed"], r["epoch"]) for r in map(json.loads, f)}
+    done = {(r["kind"], r["nef"], r["seed"], r["epoch"]) for r in claim1.read_rows(path)}
     rows = []
 
     def record(row: dict) -> None:
         rows.append(row)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        claim1.append_row(path, row)
         shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
         print(f"  {row['kind']} nef {row['nef']} seed {row['seed']} epoch {row['epoch']}: "
               f"{shown}", flush=True)  # fmt: skip
@@ -221,8 +215,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def report(out: str) -> str:
-    with open(os.path.join(out, "ceiling.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = claim1.read_rows(os.path.join(out, "ceiling.jsonl"))
     lines = ["| nef | seed | ceiling G (classifier) | accuracy | best two-stage G | at epoch | "
              "last epoch | last G | log Z (method, ESS) | f(z+) - f(z-) | KID cls x1e3 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -287,17 +280,7 @@ def _figure(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.report:
-        return {"tables": report(args.out)}
-    t0 = time.time()
-    rows = run(args)
-    text = report(args.out)
-    print(f"\nwall time {time.time() - t0:.0f} s ({' '.join(sys.argv[1:])})")
-    return {"rows": rows, "tables": text}
+main = claim1.main_of(parse_args, run, report)
 
 
 if __name__ == "__main__":

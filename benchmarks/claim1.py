@@ -52,7 +52,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -305,11 +305,8 @@ class Context:
         return self._inception(x)
 
     def done(self) -> set[tuple[str, int]]:
-        if not os.path.exists(self.rows_path):
-            return set()
-        with open(self.rows_path) as f:
-            return {(r["model"], r["seed"]) for r in map(json.loads, f) if r.get("epochs")
-                    == self.args.epochs}  # fmt: skip
+        rows = read_rows(self.rows_path)
+        return {(r["model"], r["seed"]) for r in rows if r.get("epochs") == self.args.epochs}
 
     def evaluate(self, vae, prior, seed: int) -> tuple[dict[str, float], torch.Tensor]:
         a = self.args
@@ -345,8 +342,7 @@ def run(ctx: Context) -> list[dict]:
             row = {"dataset": a.dataset, "model": model, "seed": seed, "epochs": a.epochs,
                    "threads": torch.get_num_threads(), **stats, **m}  # fmt: skip
             rows.append(row)
-            with open(ctx.rows_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(ctx.rows_path, row)
             shown = {k: round(v, 3) for k, v in m.items() if isinstance(v, float)}
             print(f"  {model} seed {seed}: {shown}", flush=True)
             if seed == a.seeds[0]:
@@ -439,8 +435,7 @@ def _ms(v: Sequence[float], fmt: str) -> str:
 def report(out: str) -> str:
     rows = []
     for path in sorted(glob.glob(os.path.join(out, "*", "claim1.jsonl"))):
-        with open(path) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
+        rows += read_rows(path)
     text = tables(rows)
     with open(os.path.join(out, "claim1.md"), "w") as f:
         f.write(text + "\n")
@@ -448,18 +443,46 @@ def report(out: str) -> str:
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.report:
-        return {"tables": report(args.out)}
-    t0 = time.time()
-    ctx = Context(args)
-    rows = run(ctx)
-    text = report(args.out)
-    print(f"\nwall time {time.time() - t0:.0f} s ({' '.join(sys.argv[1:])})")
-    return {"rows": rows, "tables": text}
+def read_rows(path: str) -> list[dict]:
+    r"""The rows of a JSON-lines file (none if it does not exist)."""
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_row(path: str, row: dict) -> None:
+    r"""Appends ``row`` to a JSON-lines file, as soon as it is measured."""
+
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def main_of(
+    parse: Callable[[Sequence[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace], list[dict]],
+    report: Callable[[str], str],
+) -> Callable[[Sequence[str] | None], dict]:
+    r"""The ``main`` of a benchmark: parse, set the threads, run (or only ``--report``), print
+    the tables and the wall time; returns ``{"rows": ..., "tables": ...}``."""
+
+    def main(argv: Sequence[str] | None = None) -> dict:
+        args = parse(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.report:
+            return {"tables": report(args.out)}
+        t0 = time.time()
+        rows = run(args)
+        text = report(args.out)
+        print(f"\nwall time {time.time() - t0:.0f} s ({' '.join(sys.argv[1:])})")
+        return {"rows": rows, "tables": text}
+
+    return main
+
+
+main = main_of(parse_args, lambda args: run(Context(args)), report)
 
 
 if __name__ == "__main__":

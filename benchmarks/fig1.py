@@ -23,9 +23,7 @@ as they are measured, models train through checkpoints (a stopped run resumes)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 
@@ -101,11 +99,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     x = data["train"][keep] * 2 - 1
     print(f"{args.dataset}, classes {args.classes}: {len(x)} training images", flush=True)
     path = os.path.join(args.out, "fig1.jsonl")
-    done = set()
-    if os.path.exists(path):
-        with open(path) as f:
-            done = {(r["model"], r["seed"]) for r in map(json.loads, f) if r["epochs"] ==
-                    args.epochs}  # fmt: skip
+    done = {(r["model"], r["seed"]) for r in claim1.read_rows(path) if r["epochs"] == args.epochs}
     rows = []
     for seed in args.seeds:
         for model in MODELS:
@@ -126,8 +120,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     row[f"mmd_{name}"], row[f"p_{name}"] = mmd, p
             row["eval_s"] = time.time() - t0
             rows.append(row)
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            claim1.append_row(path, row)
             print(f"  {model} seed {seed}: " + ", ".join(
                 f"{k} {row[k]:.4g}" for k in row if k[:4] in ("mmd_", "p_ba", "p_eb")
             ), flush=True)  # fmt: skip
@@ -162,8 +155,7 @@ def scatter(z: dict[str, np.ndarray], path: str, title: str) -> None:
 
 
 def report(out: str) -> str:
-    with open(os.path.join(out, "fig1.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = claim1.read_rows(os.path.join(out, "fig1.jsonl"))
     lines = []
     for epochs in sorted({r["epochs"] for r in rows}):
         sub = [r for r in rows if r["epochs"] == epochs]
@@ -195,17 +187,7 @@ def report(out: str) -> str:
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.report:
-        return {"tables": report(args.out)}
-    t0 = time.time()
-    rows = run(args)
-    text = report(args.out)
-    print(f"\nwall time {time.time() - t0:.0f} s ({' '.join(sys.argv[1:])})")
-    return {"rows": rows, "tables": text}
+main = claim1.main_of(parse_args, run, report)
 
 
 if __name__ == "__main__":
