@@ -125,6 +125,16 @@ def gaussian_mmd(
         2.0
     """
 
+    k, n = _pooled_gaussian_kernel(a, b, bandwidth)
+    return _unbiased_mmd2(k[:n, :n], k[n:, n:], k[:n, n:])
+
+
+def _pooled_gaussian_kernel(
+    a: Tensor | np.ndarray, b: Tensor | np.ndarray, bandwidth: float | None
+) -> tuple[np.ndarray, int]:
+    r"""The Gaussian-kernel matrix of the pooled sample ``[a; b]`` (bandwidth: the median
+    distance between distinct pooled points by default) and ``N = len(a)``."""
+
     x, y = _as_numpy(a), _as_numpy(b)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"need two (N, D) samples of the same D, got {x.shape} and {y.shape}")
@@ -136,8 +146,7 @@ def gaussian_mmd(
     if bandwidth is None:
         dist = np.sqrt(sq[np.triu_indices(len(pooled), 1)])
         bandwidth = float(np.median(dist[dist > 0])) if (dist > 0).any() else 1.0
-    k, n = np.exp(-sq / (2 * bandwidth**2)), len(x)
-    return _unbiased_mmd2(k[:n, :n], k[n:, n:], k[:n, n:])
+    return np.exp(-sq / (2 * bandwidth**2)), len(x)
 
 
 def mmd_permutation_test(
@@ -160,29 +169,17 @@ def mmd_permutation_test(
     (:math:`\Pr(p \le \alpha) \le \alpha` for every :math:`\alpha`; Gretton et al., 2012).
     """
 
-    x, y = _as_numpy(a), _as_numpy(b)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"need two (N, D) samples of the same D, got {x.shape} and {y.shape}")
-    if len(x) < 2 or len(y) < 2:
-        raise ValueError("need at least 2 points in each sample")
     if permutations < 1:
         raise ValueError(f"permutations must be >= 1, got {permutations}")
-    pooled = np.concatenate([x, y])
-    norms = (pooled**2).sum(1)
-    sq = np.maximum(norms[:, None] + norms[None] - 2 * pooled @ pooled.T, 0)
-    if bandwidth is None:
-        dist = np.sqrt(sq[np.triu_indices(len(pooled), 1)])
-        bandwidth = float(np.median(dist[dist > 0])) if (dist > 0).any() else 1.0
-    k, n = np.exp(-sq / (2 * bandwidth**2)), len(x)
-    del sq
+    k, n = _pooled_gaussian_kernel(a, b, bandwidth)
 
     def stat(idx: np.ndarray) -> float:
         i, j = idx[:n], idx[n:]
         return _unbiased_mmd2(k[np.ix_(i, i)], k[np.ix_(j, j)], k[np.ix_(i, j)])
 
-    observed = stat(np.arange(len(pooled)))
+    observed = stat(np.arange(len(k)))
     rng = np.random.default_rng(seed)
-    null = np.array([stat(rng.permutation(len(pooled))) for _ in range(permutations)])
+    null = np.array([stat(rng.permutation(len(k))) for _ in range(permutations)])
     return observed, float((1 + (null >= observed).sum()) / (1 + permutations))
 
 
