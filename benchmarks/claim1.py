@@ -48,7 +48,6 @@ import argparse
 import glob
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -60,6 +59,7 @@ import torch
 
 from ebm_prior import EpsLangevin, HierarchicalVAE, JointEBMPrior, Trainer
 from ebm_prior.apps import data as _data
+from ebm_prior.apps.compare_priors import paired as paired_interval  # mean, sd, 95% t CI
 
 if __package__:  # imported as benchmarks.claim1 (the tests, python -m benchmarks.claim1)
     from . import metrics
@@ -249,26 +249,6 @@ def generate(vae: HierarchicalVAE, prior, n: int, seed: int) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def fid_infinity(fake: torch.Tensor, real: torch.Tensor, ns: Sequence[int], draws: int,
-                 seed: int) -> dict[str, float]:  # fmt: skip
-    r"""FID(N) for every ``N`` of ``ns`` (mean over ``draws`` random subsets of ``fake``, one for
-    the largest ``N``) and FID-infinity, the intercept of the least-squares fit
-    :math:`\mathrm{FID}(N) = \mathrm{FID}_\infty + k / N` (Chong & Forsyth, 2020)."""
-
-    rng = np.random.default_rng(seed)
-    out, xs, ys = {}, [], []
-    for n in ns:
-        k = 1 if n >= len(fake) else draws
-        values = [metrics.frechet_distance(fake[rng.choice(len(fake), n, replace=False)], real)
-                  for _ in range(k)]  # fmt: skip
-        out[f"fid_{n}"] = float(np.mean(values))
-        xs.append(1.0 / n)
-        ys.append(out[f"fid_{n}"])
-    slope, intercept = np.polyfit(xs, ys, 1)
-    out["fid_inf"], out["fid_slope"] = float(intercept), float(slope)
-    return out
-
-
 class Context:
     r"""Per-dataset state: training data in [-1, 1], the feature extractors, the real features."""
 
@@ -313,7 +293,7 @@ class Context:
         t0 = time.time()
         x = generate(vae, prior, a.fid_ns[-1], seed)
         cls = self.classifier(x)
-        fid_cls = fid_infinity(cls, self.real_cls, a.fid_ns, a.fid_draws, seed)
+        fid_cls = metrics.fid_infinity(cls, self.real_cls, a.fid_ns, a.fid_draws, seed)
         out = {
             "kid_cls": 1e3 * metrics.kernel_inception_distance(cls, self.real_cls, seed=seed),
             "fid_cls": fid_cls[f"fid_{a.fid_ns[-1]}"], "fid_inf_cls": fid_cls["fid_inf"],
@@ -324,7 +304,7 @@ class Context:
             out["kid_inception"] = 1e3 * metrics.kernel_inception_distance(
                 inc, self.real_inception, seed=seed
             )
-            out.update(fid_infinity(inc, self.real_inception, a.fid_ns, a.fid_draws, seed))
+            out.update(metrics.fid_infinity(inc, self.real_inception, a.fid_ns, a.fid_draws, seed))
         out["eval_s"] = time.time() - t0
         return out, x
 
@@ -367,21 +347,6 @@ COLUMNS = [("kid_inception", "KID Inception x1e3", ".2f"), ("kid_cls", "KID cls 
            ("fid_cls", "FID cls", ".2f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
            ("last_epoch_log_likelihood", "log p(x|z+)", ".0f"),
            ("train_s", "train s", ".0f")]  # fmt: skip
-#: Two-sided 97.5% quantiles of Student's t by degrees of freedom (95% intervals).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228}  # fmt: skip
-
-
-def paired_interval(d: Sequence[float]) -> tuple[float, float, float, float]:
-    r"""Mean, std (ddof 1) and the 95% t interval of paired differences ``d``."""
-
-    d = np.asarray(d, dtype=float)
-    m = float(d.mean())
-    if len(d) < 2:
-        return m, float("nan"), float("nan"), float("nan")
-    s = float(d.std(ddof=1))
-    h = T975.get(len(d) - 1, 1.96) * s / math.sqrt(len(d))
-    return m, s, m - h, m + h
 
 
 def tables(rows: list[dict]) -> str:

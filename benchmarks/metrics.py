@@ -1,6 +1,7 @@
 r"""Sample-quality and likelihood metrics for the quality benchmark (FID, KID, bounds, MSE).
 
 * :func:`frechet_distance` and :func:`kernel_inception_distance` work on any two feature sets;
+  :func:`fid_infinity` extrapolates FID over sample sizes to the infinite-sample value;
   :func:`gaussian_mmd` compares two low-dimensional samples (latents) with a bounded kernel.
 * :class:`InceptionFeatures` gives the pool3 features (2048) of the Inception-v3 network used
   for FID (the TensorFlow ``2015-12-05`` graph), from the TorchScript file shipped in the
@@ -19,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "ClassifierFeatures",
     "InceptionFeatures",
+    "fid_infinity",
     "frechet_distance",
     "gaussian_mmd",
     "inception_weights_path",
@@ -45,6 +47,26 @@ from ebm_prior.apps.fid import (
     frechet_distance,
     inception_weights_path,
 )
+
+
+def fid_infinity(fake: torch.Tensor, real: torch.Tensor, ns: Sequence[int], draws: int,
+                 seed: int) -> dict[str, float]:  # fmt: skip
+    r"""FID(N) for every ``N`` of ``ns`` (mean over ``draws`` random subsets of ``fake``, one for
+    the largest ``N``) and FID-infinity, the intercept of the least-squares fit
+    :math:`\mathrm{FID}(N) = \mathrm{FID}_\infty + k / N` (Chong & Forsyth, 2020)."""
+
+    rng = np.random.default_rng(seed)
+    out, xs, ys = {}, [], []
+    for n in ns:
+        k = 1 if n >= len(fake) else draws
+        values = [frechet_distance(fake[rng.choice(len(fake), n, replace=False)], real)
+                  for _ in range(k)]  # fmt: skip
+        out[f"fid_{n}"] = float(np.mean(values))
+        xs.append(1.0 / n)
+        ys.append(out[f"fid_{n}"])
+    slope, intercept = np.polyfit(xs, ys, 1)
+    out["fid_inf"], out["fid_slope"] = float(intercept), float(slope)
+    return out
 
 
 def kernel_inception_distance(

@@ -14,17 +14,19 @@ Fashion-MNIST (28 x 28, fixed binarisation, two latent groups):
   joint at posterior samples (Pang et al., 2020), AUPRC with class k as positive;
 * ``fig1``: supplement Fig. 1, a 2-group model with 2-D latents per group on digits 0 and 1.
 
-Metrics (see ``benchmarks/metrics.py``): FID with the Inception network (``main`` only, few
-samples), FID and KID in the features of a small classifier trained on the dataset, the test
+Metrics (see ``benchmarks/metrics.py``), at the same number of samples for every row: FID, KID and
+FID-infinity (FID at ``--fid-ns`` extrapolated in 1/N, Chong & Forsyth) with the Inception
+network (``main`` only) and in the features of a small classifier trained on the dataset, the test
 ELBO and importance-weighted bound in nats (EBM prior normalised by an importance-sampling
-estimate of log Z), the reconstruction MSE. Prints markdown tables (mean +- std over seeds),
+estimate of log Z), the reconstruction MSE. Prints markdown tables (mean +- std over seeds, and
+for ``main`` the paired differences to (a) with 95% t intervals),
 writes ``results_<dataset>_<parts>.json`` and figures into ``--out``. Every model trains through
 :class:`ebm_prior.Trainer` (the shared runs of ``ebm_prior.apps.training``), checkpointed in
 ``<out>/<dataset>/models/<run>``: a stopped benchmark started again resumes every model where it
 stopped, and a larger ``--epochs`` continues finished ones.
 
     python benchmarks/quality.py --dataset digits --parts main,nef,scale,fig1
-    python benchmarks/quality.py --dataset mnist --parts main,nef --seeds 0,1,2
+    python benchmarks/quality.py --dataset mnist --parts main,nef --seeds 0,1,2,3
     python benchmarks/quality.py --report --out runs/quality     # tables of every JSON there
     python benchmarks/quality.py --tiny --out /some/dir          # smoke run (tests)
 """
@@ -57,6 +59,7 @@ from ebm_prior import (
     log_partition,
 )
 from ebm_prior.apps import data as _data
+from ebm_prior.apps.compare_priors import paired as paired_interval
 from ebm_prior.apps.images import save_grid as _save_grid
 from ebm_prior.apps.training import fit_elbo, fit_elbo_to_plateau, fit_joint
 from ebm_prior.apps.training import fit_two_stage as _fit_two_stage
@@ -83,7 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=DATASETS)
     p.add_argument("--parts", default="main", help=f"comma-separated subset of {PARTS}")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated model seeds")
+    p.add_argument("--seeds", default="0,1,2,3", help="comma-separated model seeds")
     p.add_argument("--out", default="runs/quality", help="output folder (JSON, figures, caches)")
     p.add_argument("--tiny", action="store_true", help="tiny budget (checks the pipeline only)")
     p.add_argument("--report", action="store_true", help="only print the tables of --out")
@@ -123,6 +126,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--samples", type=int, help="generated images for classifier FID/KID")
     g.add_argument("--inception-samples", type=int, help="generated images for Inception FID")
     g.add_argument("--inception-real", type=int, help="real test images for Inception FID")
+    g.add_argument("--fid-ns", help="sample sizes of FID-infinity (250,500,1000)")
+    g.add_argument("--fid-draws", type=int, default=5, help="subsets per FID(N) below the max")
     g.add_argument("--iw-samples", type=int, help="importance samples K of the bound")
     g.add_argument("--log-z-samples", type=int, help="base-prior samples for log Z")
     g.add_argument(
@@ -145,8 +150,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         two_stage_epochs=50 if small else 6,
         samples=1_000,
         classifier_epochs=20 if small else 5,
-        inception_samples=0 if small else 200,
-        inception_real=500,
+        inception_samples=0 if small else 1_000,
+        inception_real=1_000,
+        fid_ns="250,500,1000",
         iw_samples=100 if small else 20,
         log_z_samples=50_000 if small else 20_000,
         anomaly_train_size=None if small else 6_000,
@@ -156,13 +162,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         defaults.update(
             train_size=200, test_size=64, epochs=1, two_stage_epochs=1, samples=64,
-            inception_samples=0, inception_real=8, iw_samples=2, log_z_samples=200,
+            inception_samples=0, inception_real=8, fid_ns="16,32,64", iw_samples=2,
+            log_z_samples=200,
             anomaly_train_size=300, anomaly_iw_samples=2, max_epochs=3,
         )  # fmt: skip
         defaults["classifier_epochs"], args.langevin_steps = 1, 3
         args.ais_chains, args.ais_temperatures = 128, 10
         args.nefs, args.scales, args.anomaly_classes = "10,20", "2", "1"
-        if args.seeds == "0,1,2":
+        if args.seeds == "0,1,2,3":
             args.seeds = "0"
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -174,6 +181,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if part not in PARTS:
             raise SystemExit(f"unknown part {part!r}; available: {', '.join(PARTS)}")
     args.seeds = [int(s) for s in str(args.seeds).split(",")]
+    args.fid_ns = sorted(int(s) for s in str(args.fid_ns).split(","))
+    if args.samples < args.fid_ns[-1]:
+        raise SystemExit(f"--samples ({args.samples}) must be at least the largest --fid-ns "
+                         f"({args.fid_ns[-1]})")  # fmt: skip
     args.nefs = [int(s) for s in str(args.nefs).split(",")]
     args.scales = [float(s) for s in str(args.scales).split(",")]
     args.anomaly_classes = [int(s) for s in str(args.anomaly_classes).split(",")]
@@ -384,16 +395,22 @@ class Context:
         with torch.enable_grad():
             x = generate(vae, prior, a.samples, a, seed + 10_000)
         feats = self.classifier(x)
+        fid = metrics.fid_infinity(feats, self.real_cls, a.fid_ns, a.fid_draws, seed)
         out = {
             "fid_cls": metrics.frechet_distance(feats, self.real_cls),
+            "fid_inf_cls": fid["fid_inf"],
             "kid_cls": metrics.kernel_inception_distance(feats, self.real_cls, seed=seed),
         }
         if inception and a.inception_samples > 0:
             real = self.real_inception()
-            out["fid_inception"] = metrics.frechet_distance(
-                self.inception_features(x[: a.inception_samples]), real
-            )
-            out["inception_samples"] = min(a.inception_samples, len(x))
+            inc = self.inception_features(x[: a.inception_samples])
+            out["fid_inception"] = metrics.frechet_distance(inc, real)
+            out["kid_inception"] = metrics.kernel_inception_distance(inc, real, seed=seed)
+            ns = [n for n in a.fid_ns if n <= len(inc)]
+            if len(ns) >= 2:  # FID-infinity needs two sample sizes at least
+                fit = metrics.fid_infinity(inc, real, ns, a.fid_draws, seed)
+                out["fid_inf_inception"] = fit["fid_inf"]
+            out["inception_samples"] = len(inc)
         if likelihood:
             out.update(metrics.test_log_likelihood(
                 vae, d["test"], prior, a.iw_samples, a.log_z_samples, seed
@@ -751,22 +768,27 @@ def tables(rows: list[dict]) -> str:
 
     cols = {
         "main": [("params", "generator params", ",.0f"), ("fid_inception", "FID Inception", ".1f"),
-                 ("fid_cls", "FID cls", ".2f"), ("kid_cls", "KID cls", ".1f"),
+                 ("fid_inf_inception", "FID-inf Inception", ".1f"),
+                 ("kid_inception", "KID Inception", ".4f"),
+                 ("fid_cls", "FID cls", ".2f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
+                 ("kid_cls", "KID cls", ".1f"),
                  ("elbo", "test ELBO", ".2f"), ("iw", "log p(x) IW", ".2f"),
                  ("log_z", "log Z", ".3f"), ("log_z_se", "s.e.", ".3f"),
                  ("log_z_ess", "ESS", ",.0f"), ("log_z_ais", "log Z AIS", ".3f"),
                  ("mse", "MSE", ".4f"),
                  ("train_s", "train s", ".0f")],
         "nef": [("energy_params", "energy params", ",.0f"), ("fid_cls", "FID cls", ".2f"),
-                ("kid_cls", "KID cls", ".1f"), ("iw", "log p(x) IW", ".2f"),
+                ("fid_inf_cls", "FID-inf cls", ".2f"), ("kid_cls", "KID cls", ".1f"),
+                ("iw", "log p(x) IW", ".2f"),
                 ("log_z", "log Z", ".3f"), ("log_z_ess", "ESS", ",.0f"),
                 ("log_z_ais", "log Z AIS", ".3f"), ("f_pos", "f(z+)", ".2f"),
                 ("f_neg", "f(z-)", ".2f"),
                 ("train_s", "train s", ".0f")],
         "scale": [("params", "generator params", ",.0f"), ("ratio", "ratio", ".2f"),
                   ("epochs", "epochs", ".0f"), ("best_val_elbo", "best val. ELBO", ".2f"),
-                  ("fid_cls", "FID cls", ".2f"), ("kid_cls", "KID cls", ".1f"),
-                  ("elbo", "test ELBO", ".2f"), ("iw", "log p(x) IW", ".2f"),
+                  ("fid_cls", "FID cls", ".2f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
+                  ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
+                  ("iw", "log p(x) IW", ".2f"),
                   ("mse", "MSE", ".4f"), ("train_s", "train s", ".0f")],
         "anomaly": [("auprc_gaussian", "AUPRC bound, Gaussian", ".3f"),
                     ("auprc_ebm", "AUPRC bound, EBM", ".3f"),
@@ -805,7 +827,8 @@ def _paired(groups: dict[tuple, list[dict]], dataset: str) -> list[str]:
     r"""Paired differences of the main part: EBM model minus model (a) of the same seed."""
 
     ref = {r["seed"]: r for r in groups.get((dataset, "main", "a Gaussian prior"), [])}
-    cols = [("fid_inception", "FID Inception", ".1f"), ("fid_cls", "FID cls", ".2f"),
+    cols = [("fid_inf_inception", "FID-inf Inception", ".1f"),
+            ("kid_inception", "KID Inception", ".4f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
             ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
             ("iw", "log p(x) IW", ".2f")]  # fmt: skip
     lines = []
@@ -817,14 +840,20 @@ def _paired(groups: dict[tuple, list[dict]], dataset: str) -> list[str]:
             continue
         if not lines:
             lines += [f"\n{dataset}, main: paired difference to (a), same seed (mean +- std "
-                      "over seeds; negative FID/KID and positive nats favour the EBM)\n",
+                      "over seeds [95% t interval]; negative FID/KID and positive nats favour "
+                      "the EBM)\n",
                       "| model | n | " + " | ".join(c[1] for c in cols) + " |",
                       "|" + "|".join("---" for _ in range(len(cols) + 2)) + "|"]  # fmt: skip
         cells = [f"{key[2]} - a", str(len(rs))]
         for c, _, f in cols:
             d = [r[c] - ref[r["seed"]][c] for r in rs if r.get(c) is not None
                  and ref[r["seed"]].get(c) is not None]  # fmt: skip
-            cells.append(_ms(d, f) if d else "-")
+            if len(d) >= 2:
+                m, sd, lo, hi = paired_interval(d)
+                lo, hi = format(lo, f), format(hi, f)
+                cells.append(f"{format(m, f)} +- {format(sd, f)} [{lo}, {hi}]")
+            else:
+                cells.append(_ms(d, f) if d else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -67,17 +67,17 @@ def test_fid_infinity_is_the_intercept_in_one_over_n():
 
     import torch
 
-    from benchmarks import claim1
+    from benchmarks import metrics
 
     fake = torch.zeros(1000, 4)
-    with mock.patch.object(claim1.metrics, "frechet_distance",
+    with mock.patch.object(metrics, "frechet_distance",
                            side_effect=lambda a, b: 3.0 + 250.0 / len(a)):  # fmt: skip
-        out = claim1.fid_infinity(fake, fake, [250, 500, 1000], draws=2, seed=0)
+        out = metrics.fid_infinity(fake, fake, [250, 500, 1000], draws=2, seed=0)
     assert abs(out["fid_inf"] - 3.0) < 1e-9 and abs(out["fid_slope"] - 250.0) < 1e-6
     assert out["fid_250"] == 4.0
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(1000, 8, generator=gen), torch.randn(4000, 8, generator=gen) + 0.3
-    out = claim1.fid_infinity(a, b, [250, 500, 1000], draws=5, seed=0)
+    out = metrics.fid_infinity(a, b, [250, 500, 1000], draws=5, seed=0)
     assert out["fid_slope"] > 0 and out["fid_inf"] < out["fid_1000"]
     assert abs(out["fid_inf"] - 8 * 0.09) < 0.1  # the closed form: |mean shift|^2 = 0.72
 
