@@ -146,16 +146,16 @@ def report(out: str) -> str:
                   "with its 95% t interval over seeds; per-seed bootstrap intervals in the "
                   "JSON lines)\n",
                   "| held-out class | seeds | positives | AUPRC Gaussian | AUPRC EBM | "
-                  "EBM - Gaussian | 95% t interval |",
+                  "EBM - Gaussian (x1e3) | 95% t interval (x1e3) |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for k in sorted({r["k"] for r in sub}):
             rs = [r for r in sub if r["k"] == k]
-            m, sd, lo, hi = claim1.paired_interval([r["diff"] for r in rs])
+            m, sd, lo, hi = claim1.paired_interval([1e3 * r["diff"] for r in rs])
             lines.append(
                 f"| {k} | {len(rs)} | {rs[0]['positive_rate']:.3f} | "
                 f"{claim1._ms([r['auprc_gaussian'] for r in rs], '.3f')} | "
-                f"{claim1._ms([r['auprc_ebm'] for r in rs], '.3f')} | {m:+.3f} +- {sd:.3f} | "
-                f"[{lo:+.3f}, {hi:+.3f}] |"
+                f"{claim1._ms([r['auprc_ebm'] for r in rs], '.3f')} | {m:+.2f} +- {sd:.2f} | "
+                f"[{lo:+.2f}, {hi:+.2f}] |"
             )
     text = "\n".join(lines)
     with open(os.path.join(out, "anomaly.md"), "w") as f:
