@@ -101,6 +101,8 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
+from ._launch import clone_on_path, replace_attr, split_argv
+
 #: the names of the launcher's patches (see the module's docstring)
 PATCHES: tuple[str, ...] = ("architecture", "terminal_size", "data_loaders")
 _IMAGES = ("mnist", "fashion-mnist")
@@ -258,22 +260,6 @@ def write_binmnist(
 # -- patches -----------------------------------------------------------------------------------
 
 
-def _replace(stack: contextlib.ExitStack, owner: Any, name: str, value: Any) -> None:
-    r"""Sets ``owner.name = value`` until ``stack`` closes."""
-
-    had = name in vars(owner)
-    old = vars(owner).get(name)
-    setattr(owner, name, value)
-
-    def restore() -> None:
-        if had:
-            setattr(owner, name, old)
-        else:
-            delattr(owner, name)
-
-    stack.callback(restore)
-
-
 def _terminal_size(original: Callable[..., os.terminal_size]) -> Callable[..., os.terminal_size]:
     r"""``os.get_terminal_size`` that answers ``COLUMNS`` x ``LINES`` (80 x 24) without a
     terminal instead of raising ``OSError``."""
@@ -363,16 +349,8 @@ def _biva_on_path(root: str) -> Iterator[None]:
     def ours(name: str) -> bool:
         return name == "biva" or name.startswith("biva.")
 
-    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
-    sys.path.insert(0, root)
-    try:
+    with clone_on_path(root, ours):
         yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(root)
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 @contextlib.contextmanager
@@ -404,9 +382,9 @@ def _patched(
                 if (name == "biva" or name.startswith("biva.")) and (
                     vars(module).get("get_deep_vae_mnist") is original
                 ):
-                    _replace(stack, module, "get_deep_vae_mnist", get_deep_vae_mnist)
+                    replace_attr(stack, module, "get_deep_vae_mnist", get_deep_vae_mnist)
         if "terminal_size" in on:
-            _replace(stack, os, "get_terminal_size", _terminal_size(os.get_terminal_size))
+            replace_attr(stack, os, "get_terminal_size", _terminal_size(os.get_terminal_size))
         if "data_loaders" in on:
             limits = {
                 "train_dataset": steps_per_epoch,
@@ -414,7 +392,7 @@ def _patched(
                 "test_dataset": test_batches,
             }
             cut = _cut_loader_class(os.path.realpath(script), limits)
-            _replace(stack, torch.utils.data, "DataLoader", cut)
+            replace_attr(stack, torch.utils.data, "DataLoader", cut)
         yield
 
 
@@ -674,11 +652,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> str:
     r"""The command line: launcher options, ``--``, then ``run_deepvae.py``'s arguments."""
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ours, script_args = argv, []
-    if "--" in argv:
-        cut = argv.index("--")
-        ours, script_args = argv[:cut], argv[cut + 1 :]
+    ours, script_args = split_argv(argv)
     p = _parser()
     args = p.parse_args(ours)
     start = time.perf_counter()

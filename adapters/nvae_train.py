@@ -99,6 +99,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._launch import clone_on_path, replace_attr, split_argv
+
 #: the names of the launcher's patches (see the module's docstring)
 PATCHES: tuple[str, ...] = (
     "set_device",
@@ -182,22 +184,6 @@ def prepare_data(
 
 
 # -- patches -----------------------------------------------------------------------------------
-
-
-def _replace(stack: contextlib.ExitStack, owner: Any, name: str, value: Any) -> None:
-    r"""Sets ``owner.name = value`` until ``stack`` closes."""
-
-    old = owner.__dict__.get(name, None) if isinstance(owner, type) else getattr(owner, name)
-    had = name in owner.__dict__ if isinstance(owner, type) else True
-    setattr(owner, name, value)
-
-    def restore() -> None:
-        if had:
-            setattr(owner, name, old)
-        else:
-            delattr(owner, name)
-
-    stack.callback(restore)
 
 
 def _to_cpu_tensor(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -322,16 +308,8 @@ def _nvae_on_path(root: str) -> Iterator[None]:
     def ours(name: str) -> bool:
         return name.split(".")[0] in names
 
-    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
-    sys.path.insert(0, root)
-    try:
+    with clone_on_path(root, ours):
         yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(root)
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 def _restore_environ(saved: dict[str, str | None]) -> None:
@@ -362,16 +340,16 @@ def _patched(
         stack.callback(_restore_environ, environ)  # init_processes sets them
         stack.callback(lambda: dist.is_initialized() and dist.destroy_process_group())
         if "set_device" in on:
-            _replace(stack, torch.cuda, "set_device", lambda device: None)
+            replace_attr(stack, torch.cuda, "set_device", lambda device: None)
         if "process_group" in on:
             original = dist.init_process_group
-            _replace(stack, dist, "init_process_group", _init_process_group(original))
+            replace_attr(stack, dist, "init_process_group", _init_process_group(original))
         if "tensor_cuda" in on:
-            _replace(stack, torch.Tensor, "cuda", _to_cpu_tensor)
+            replace_attr(stack, torch.Tensor, "cuda", _to_cpu_tensor)
         if "autocast" in on:
-            _replace(stack, torch.cuda.amp, "autocast", _autocast)
+            replace_attr(stack, torch.cuda.amp, "autocast", _autocast)
         if "grad_scaler" in on:
-            _replace(stack, torch.cuda.amp, "GradScaler", _grad_scaler)
+            replace_attr(stack, torch.cuda.amp, "GradScaler", _grad_scaler)
         if "lmdb" in on and "lmdb" not in sys.modules and importlib.util.find_spec("lmdb") is None:
             sys.modules["lmdb"] = _lmdb_stub()
             stack.callback(lambda: sys.modules.pop("lmdb", None))
@@ -386,7 +364,7 @@ def _patched(
                     return fused(self, input)
                 return _bn_swish_forward(self, input)
 
-            _replace(stack, sbn, "forward", forward)
+            replace_attr(stack, sbn, "forward", forward)
         if "sync_batchnorm" in on:
             synced = nn.SyncBatchNorm.forward
 
@@ -395,18 +373,18 @@ def _patched(
                     return synced(self, input)
                 return _BatchNorm.forward(self, input)  # torch's own path without a group
 
-            _replace(stack, nn.SyncBatchNorm, "forward", sync_forward)
+            replace_attr(stack, nn.SyncBatchNorm, "forward", sync_forward)
         if "data_loaders" in on:
             datasets = importlib.import_module("datasets")
             wrapped = _get_loaders(
                 datasets.get_loaders, steps_per_epoch, valid_batches, num_workers
             )
-            _replace(stack, datasets, "get_loaders", wrapped)
+            replace_attr(stack, datasets, "get_loaders", wrapped)
         if "safe_load" in on:
             stack.enter_context(torch.serialization.safe_globals([argparse.Namespace]))
         if "count_parameters" in on:
             utils = importlib.import_module("utils")
-            _replace(stack, utils, "count_parameters_in_M", _count_parameters_in_m)
+            replace_attr(stack, utils, "count_parameters_in_M", _count_parameters_in_m)
         yield
 
 
@@ -567,11 +545,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> str:
     r"""The command line: launcher options, ``--``, then ``train.py``'s arguments."""
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ours, train_args = argv, []
-    if "--" in argv:
-        cut = argv.index("--")
-        ours, train_args = argv[:cut], argv[cut + 1 :]
+    ours, train_args = split_argv(argv)
     p = _parser()
     args = p.parse_args(ours)
     start = time.perf_counter()

@@ -96,6 +96,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ._launch import clone_on_path, replace_attr, split_argv
+
 #: the names of the launcher's patches (see the module's docstring)
 PATCHES: tuple[str, ...] = ("rich", "data_dir", "data_loaders")
 #: torchvision classes whose raw files ``--data-from-packages`` writes, with the images they hold
@@ -134,16 +136,8 @@ def _oodd_on_path(root: str) -> Iterator[None]:
     def ours(name: str) -> bool:
         return name == "oodd" or name.startswith("oodd.")
 
-    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
-    sys.path.insert(0, root)
-    try:
+    with clone_on_path(root, ours):
         yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(root)
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
 
 
 # -- the command line of dvae_run.py -----------------------------------------------------------
@@ -271,22 +265,6 @@ def prepare_data(
 # -- patches -----------------------------------------------------------------------------------
 
 
-def _replace(stack: contextlib.ExitStack, owner: Any, name: str, value: Any) -> None:
-    r"""Sets ``owner.name = value`` until ``stack`` closes."""
-
-    had = name in vars(owner)
-    old = vars(owner).get(name)
-    setattr(owner, name, value)
-
-    def restore() -> None:
-        if had:
-            setattr(owner, name, old)
-        else:
-            delattr(owner, name)
-
-    stack.callback(restore)
-
-
 def _rich_stub() -> types.ModuleType:
     r"""A ``rich`` module with ``print`` only (what ``dvae_run.py`` uses)."""
 
@@ -388,11 +366,11 @@ def _patched(
             defaults = list(init.__defaults__)
             names = init.__code__.co_varnames[1 : init.__code__.co_argcount]
             defaults[names[-len(defaults) :].index("root")] = os.fspath(data_dir)
-            _replace(stack, init, "__defaults__", tuple(defaults))
+            replace_attr(stack, init, "__defaults__", tuple(defaults))
         if "data_loaders" in on and (max_steps is not None or val_examples is not None):
             module = importlib.import_module("oodd.datasets.data_module").DataModule
             wrapped = _recreate_dataloaders(module.recreate_dataloaders, max_steps, val_examples)
-            _replace(stack, module, "recreate_dataloaders", wrapped)
+            replace_attr(stack, module, "recreate_dataloaders", wrapped)
         yield
 
 
@@ -533,11 +511,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> str:
     r"""The command line: launcher options, ``--``, then ``dvae_run.py``'s arguments."""
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ours, dvae_args = argv, []
-    if "--" in argv:
-        cut = argv.index("--")
-        ours, dvae_args = argv[:cut], argv[cut + 1 :]
+    ours, dvae_args = split_argv(argv)
     p = _parser()
     args = p.parse_args(ours)
     start = time.perf_counter()
