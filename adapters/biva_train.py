@@ -204,7 +204,8 @@ def write_binmnist(
     ``[train (50000, 784), valid (10000, 784), test (10000, 784)]`` in {0, 1} (here ``uint8``;
     biva-pytorch's ``BinMNIST`` makes float tensors of them). ``DATA_ROOT/bin-mnist/train.npy``
     holds the same 60000 training images as an ``(N, 1, 28, 28)`` ``uint8`` array, for
-    ``ebm-prior finetune-biva --data-file``.
+    ``ebm-prior finetune-biva --data-file``, and ``test.npy`` the 10000 test images (the
+    script's test split) in the same layout, for evaluating the fitted prior.
 
     Arguments:
         data_root: ``run_deepvae.py``'s ``--data_root``.
@@ -244,12 +245,16 @@ def write_binmnist(
     flat = train.reshape(len(train), -1)
     splits = [flat[:50000], flat[50000:], test.reshape(len(test), -1)]
     folder = os.path.join(os.fspath(data_root), "bin-mnist")
-    buffer = io.BytesIO()
-    np.save(buffer, train, allow_pickle=False)
+    arrays = []
+    for array in (train, test):
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        arrays.append(buffer.getvalue())
     written = []
     for name, content in (
         ("mnist.pkl.gz", pickle.dumps(splits, protocol=4)),
-        ("train.npy", buffer.getvalue()),
+        ("train.npy", arrays[0]),
+        ("test.npy", arrays[1]),
     ):
         path = os.path.join(folder, name)
         if _write_once(path, content):

@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample-nvae": ("sample_nvae", "sample a saved or pulled prior on an NVAE checkpoint"),
     "finetune-biva": ("finetune_biva", "fit a prior two-stage on a BIVA session"),
     "finetune-oodd": ("finetune_oodd", "fit a prior two-stage on an hvae-oodd checkpoint"),
+    "prior-figures": (
+        "prior_figures",
+        "samples, transitions, temperature, fixed top groups for a fitted prior",
+    ),
     "ood": ("ood", "OOD detection with L>k / LLR>k: Gaussian vs EBM prior"),
 }
 

