@@ -250,6 +250,7 @@ def test_cli_runs_a_command(tmp_path, capsys, monkeypatch):
         (["ood", "--epochs", "1"], "examples"),
         (["hierarchical-reconstruction", "--epochs", "1"], "examples"),
         (["sample-nvae", "--checkpoint", "c.pt", "--prior", "none"], "examples"),
+        (["prior-figures", "--backbone", "biva", "--checkpoint", "c", "--prior", "p"], "examples"),
     ],
 )
 def test_a_missing_extra_is_named_before_any_work(argv, extra, capsys, monkeypatch, no_work):
