@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ebm_prior import Backbone, Posterior
+from ebm_prior import GroupwiseBackbone, Posterior
 
 Likelihood = Literal["bernoulli", "discretized_logistic"]
 
@@ -131,7 +131,7 @@ def data_dependent_init(model: nn.Module, x: Tensor) -> nn.Module:
     return model
 
 
-class BIVABackbone(Backbone):
+class BIVABackbone(GroupwiseBackbone):
     r"""Creates the backbone contract over a ``biva-pytorch`` ``DeepVae``.
 
     The hierarchical prior and its reparameterisation, in generation order (group 0 on top),
@@ -142,6 +142,13 @@ class BIVABackbone(Backbone):
 
     with :math:`\sigma_i = \exp(\frac{1}{2} a(\ell_i))`, :math:`a` the model's ``log_var_act``
     (``Softplus`` by default), are read from the package's own top-down pass.
+
+    It is a :class:`~ebm_prior.GroupwiseBackbone` (for the OOD scores
+    :func:`ebm_prior.ood.hierarchical_bound`): :meth:`log_prior_groups` gives each
+    :math:`\log p_b(z_i \mid z_{<i})`, and :meth:`posterior_top` draws the top :math:`L - k`
+    groups with the :math:`k` bottom groups at the *mode* of :math:`q` wherever the inference
+    pass uses them (a BIVA or VAE stage's bottom-up latent feeds the stages above it), as
+    hvae-oodd's ``use_mode`` does; an LVAE's top groups do not depend on the bottom ones.
 
     The decoder output ``x_`` is interpreted by ``likelihood``:
 
@@ -312,26 +319,39 @@ class BIVABackbone(Backbone):
         return eps
 
     def _log_prior(self, z: list[Tensor]) -> Tensor:
-        out = []
+        return sum(self._log_prior_groups(z))
+
+    def _log_prior_groups(self, z: list[Tensor]) -> list[Tensor]:
+        out: list[Tensor | None] = [None] * len(z)
 
         def read(i: int, mu: Tensor, sigma: Tensor) -> Tensor:
-            out.append(_normal_log_prob(z[i], mu, sigma))
+            out[i] = _normal_log_prob(z[i], mu, sigma)
             return z[i]
 
         self._top_down(read, len(z[0]), stop=True)
-        return sum(out)
+        return out
 
     def _posterior(self, x: Tensor) -> Posterior:
+        return self._posterior_top(x, 0)
+
+    def _posterior_top(self, x: Tensor, k: int) -> Posterior:
+        r"""Runs the package's inference pass; the ``k`` bottom groups are replaced by the mean
+        of their :math:`q` where it draws them, the others are recorded with their
+        :math:`\log q`; stops once the top :math:`L - k` groups are drawn."""
+
         self._check_x_shape(x)
-        n = len(self._layers)
-        z: list[Tensor | None] = [None] * n
-        log_q: list[Tensor | None] = [None] * n
+        top = len(self._layers) - k
+        z: list[Tensor | None] = [None] * top
+        log_q: list[Tensor | None] = [None] * top
 
         def hook(i: int):
             def fn(module, args, kwargs, output):
                 if not kwargs.get("inference", False):
                     return None
                 zi, data = output
+                if i >= top:  # a bottom group: its mode, for the groups above that use it
+                    mode = data["dist"].loc
+                    return mode, {**data, "z": mode}
                 z[i] = zi
                 log_q[i] = _flat_sum(data["dist"].log_prob(zi))
                 if all(v is not None for v in z):

@@ -302,3 +302,90 @@ def test_docstring_example():
     torch.manual_seed(0)
     result = doctest.testmod(ebm_prior.adapters.biva, extraglobs={"torch": torch})
     assert result.attempted >= 5 and result.failed == 0
+
+
+# -- the groupwise parts, for the OOD scores -------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_log_prior_groups_sum_and_top_prior(family):
+    bb = BIVABackbone(tiny(family)).eval()
+    with torch.no_grad():
+        z = bb.eps_to_z(bb.sample_eps(4))
+        groups = bb.log_prior_groups(z)
+        total = bb.log_prior(z)
+    assert len(groups) == bb.num_groups and all(g.shape == (4,) for g in groups)
+    torch.testing.assert_close(sum(groups), total)
+    top = torch.distributions.Normal(0.0, 1.0).log_prob(z[0]).flatten(1).sum(1)
+    torch.testing.assert_close(groups[0], top)
+
+
+def _top_layer_q(bb, x, k, seed):
+    """posterior_top(x, k) with the top layer's q parameters recorded by a hook of our own."""
+
+    seen = []
+
+    def hook(module, args, kwargs, output):
+        if kwargs.get("inference"):
+            seen.append((output[1]["dist"].loc.clone(), output[1]["dist"].scale.clone()))
+
+    layer = stochastic_layers(bb.model)[0][1]
+    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            post = bb.posterior_top(x, k) if k is not None else bb.posterior(x)
+    finally:
+        handle.remove()
+    return post, seen[-1]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_posterior_top_conditions_on_the_mode_of_the_bottom_groups(family):
+    """With k > 0 the top group's q no longer depends on the draws of the bottom groups (two
+    seeds, the same q); log q is that q's density at the draw; k = 0 is the posterior."""
+
+    bb = BIVABackbone(tiny(family)).eval()
+    x = binary(5, bb.x_shape)
+    n = bb.num_groups
+    full, (loc0, _) = _top_layer_q(bb, x, None, 1)
+    same, _ = _top_layer_q(bb, x, 0, 1)
+    for a, b in zip(full.z, same.z, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(full.log_q, same.log_q)
+    _, (loc0b, _) = _top_layer_q(bb, x, None, 2)
+    depends = not torch.allclose(loc0, loc0b)  # top q varies with the bottom-up draws
+    assert depends == (family != "lvae")
+    for k in range(1, n):
+        a, (loc_a, scale_a) = _top_layer_q(bb, x, k, 1)
+        b, (loc_b, scale_b) = _top_layer_q(bb, x, k, 2)
+        assert len(a.z) == n - k and a.log_q.shape == (5,)
+        torch.testing.assert_close(loc_a, loc_b)
+        torch.testing.assert_close(scale_a, scale_b)
+        if k == n - 1:  # only the top group: log q is its density at the draw
+            q = torch.distributions.Normal(loc_a, scale_a).log_prob(a.z[0]).flatten(1).sum(1)
+            torch.testing.assert_close(a.log_q, q)
+    if family == "lvae":  # top-down inference: the top draws are the posterior's own
+        torch.testing.assert_close(_top_layer_q(bb, x, n - 1, 1)[0].z[0], full.z[0])
+
+
+def test_hierarchical_bound_on_biva():
+    """The OOD scores run on BIVA for every k; at k = 0 with the Gaussian prior the score is
+    the importance-weighted bound of the same posterior draws."""
+
+    from ebm_prior import log_likelihood
+    from ebm_prior.ood import hierarchical_bound
+
+    bb = BIVABackbone(tiny("biva")).eval()
+    x = binary(4, bb.x_shape)
+    prior = JointEBMPrior(bb.latent_shapes, nef=8)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        l0 = hierarchical_bound(bb, x, 0, None, samples=3)
+        torch.manual_seed(3)
+        iw = log_likelihood(bb, x, None, num_samples=3).value
+        torch.testing.assert_close(l0, iw)
+        for k in range(bb.num_groups):
+            for p in (None, prior):
+                score = hierarchical_bound(bb, x, k, p, samples=2, marginal_samples=2)
+                assert score.shape == (4,) and torch.isfinite(score).all()

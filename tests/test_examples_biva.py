@@ -149,3 +149,34 @@ def test_backbone_priors_benchmark_pairs_seeds_and_resumes(mnist_biva, tmp_path,
     with pytest.raises(Exception, match="latent|backbone|shape"):
         backbone_priors.main([*argv[:-1], str(tmp_path / "o2"), "--priors",
                               str(tmp_path / "other")])  # fmt: skip
+
+
+def test_ood_scores_a_fitted_prior_on_a_trained_biva(mnist_biva, tmp_path, monkeypatch):
+    """``ebm-prior ood --backbone biva --prior``: the prior fitted by finetune-biva is scored
+    (not refitted) for every k of the 3-group BIVA, and the rows are written."""
+
+    import json
+
+    from ebm_prior.apps import data as _data
+    from ebm_prior.apps import ood
+
+    root, priors = mnist_biva
+    real = _data.load_images
+
+    def load_images(name, split="test", root="data", download=False):
+        x = real("mnist", split)[:60]
+        return x if name == "mnist" else 1 - x  # the OOD set: inverted digits
+
+    monkeypatch.setattr(_data, "load_images", load_images)
+    argv = ["--backbone", "biva", "--checkpoint", str(root / "session"), "--prior", priors[0],
+            "--in-dist", "mnist", "--out-dist", "fashion-mnist", "--n-train", "20",
+            "--n-test", "20", "--samples", "2", "--marginal-samples", "2", "--batch-size", "20",
+            "--no-plot", "--out", str(tmp_path)]  # fmt: skip
+    out = ood.main(argv)
+    n = 3
+    assert [r["k"] for r in out["rows"]] == [*range(n), *range(n)]
+    assert out["rows"][0]["auroc"] > 0.9  # inverted digits are far less likely
+    saved = json.loads((tmp_path / "rows_mnist_vs_fashion-mnist.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(out["rows"]))
+    with pytest.raises(SystemExit, match="pass both"):
+        ood.main(["--prior", priors[0], "--no-plot"])

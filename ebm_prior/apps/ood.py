@@ -16,6 +16,11 @@ histograms.
     ebm-prior ood --in-dist mnist --out-dist fashion-mnist
     OODD_ROOT=... ebm-prior ood --backbone oodd   # a small hvae-oodd LVAE
     OODD_ROOT=... ebm-prior ood --backbone oodd --checkpoint models/FashionMNIST-...
+    ebm-prior ood --backbone biva --checkpoint runs/binmnist-biva-seed42 \
+        --in-dist mnist --out-dist fashion-mnist --prior runs/biva-prior/seed0/ebm-prior
+
+``--prior`` scores a prior already fitted on the checkpoint (``ebm-prior finetune-biva`` /
+``finetune-oodd``; its recorded backbone fingerprint must match) instead of fitting one here.
     ebm-prior ood --in-dist cifar10 --out-dist svhn --download   # with torchvision
 
 Data: see ``ebm_prior.apps.data`` (offline Fashion-MNIST / MNIST, or torchvision). The
@@ -25,6 +30,7 @@ histograms need ``ebm-prior[examples]``. ``python examples/ood.py`` runs the sam
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -51,8 +57,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--in-dist", default="fashion-mnist", choices=_data.DATASETS)
     p.add_argument("--out-dist", default="mnist", choices=_data.DATASETS)
-    p.add_argument("--backbone", default="reference", choices=["reference", "oodd"])
-    p.add_argument("--checkpoint", default=None, help="hvae-oodd checkpoint folder to load")
+    p.add_argument("--backbone", default="reference", choices=["reference", "oodd", "biva"])
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="an hvae-oodd checkpoint folder, or a BIVA run_deepvae.py session (--backbone biva)",
+    )
+    p.add_argument(
+        "--prior", default=None, help="a prior fitted on --checkpoint (folder or Hub repository)"
+    )
     p.add_argument(
         "--channels", type=positive_int, default=32, help="width of the trained backbone"
     )
@@ -148,6 +161,12 @@ def oodd_lvae(channels: int, shape: tuple[int, ...]):
 def make_backbone(args, train: torch.Tensor) -> tuple[GroupwiseBackbone, bool]:
     r"""Returns the backbone and whether it still needs training."""
 
+    if args.backbone == "biva":
+        from ebm_prior.adapters.biva import BIVABackbone
+
+        if not args.checkpoint:
+            raise ValueError("--backbone biva needs --checkpoint (a run_deepvae.py session)")
+        return BIVABackbone.from_logdir(args.checkpoint), False
     if args.backbone == "oodd":
         from ebm_prior.adapters.oodd import OODDBackbone, data_dependent_init
 
@@ -282,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.no_plot:  # before training, not after it
         require("matplotlib", "examples", "the histograms (or pass --no-plot)")
         os.makedirs(args.out, exist_ok=True)
+    if args.prior is not None and not args.checkpoint:
+        raise SystemExit("--prior scores a prior fitted on --checkpoint: pass both")
+    if args.backbone == "biva":
+        require("biva", "biva", "a BIVA backbone")
     torch.manual_seed(args.seed)
     start = time.time()
     train, test_in, test_out = load(args)
@@ -289,16 +312,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if needs_training:
         train_elbo(backbone, train, args)
     backbone.eval()
-    # the settings recorded here are the ones the scores' chains run with (--bottom langevin)
-    prior = JointEBMPrior(
-        backbone.latent_shapes,
-        nef=args.nef,
-        sampler_config={"step_size": args.step_size, "steps": args.langevin_steps},
-    )
-    fit_two_stage(prior, backbone, train, args.two_stage_epochs, batch_size=args.batch_size,
-                  lr=args.ebm_lr, reg=args.energy_reg, step_size=args.step_size,
-                  steps=args.langevin_steps, seed=args.seed)  # fmt: skip
-    prior.eval()
+    if args.prior is not None:
+        from ebm_prior import load_prior
+
+        prior = load_prior(args.prior, backbone=backbone)
+    else:
+        # the settings recorded here are the ones the scores' chains run with (--bottom langevin)
+        prior = JointEBMPrior(
+            backbone.latent_shapes,
+            nef=args.nef,
+            sampler_config={"step_size": args.step_size, "steps": args.langevin_steps},
+        )
+        fit_two_stage(prior, backbone, train, args.two_stage_epochs, batch_size=args.batch_size,
+                      lr=args.ebm_lr, reg=args.energy_reg, step_size=args.step_size,
+                      steps=args.langevin_steps, seed=args.seed)  # fmt: skip
+    prior.eval().requires_grad_(False)
     s_in = scores(backbone, prior, test_in, args)
     s_out = scores(backbone, prior, test_out, args)
     n = backbone.num_groups
@@ -316,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     out["scores"] = os.path.join(args.out, f"scores_{args.in_dist}_vs_{args.out_dist}.npz")
     save_scores(s_in, s_out, out["scores"])
+    rows_path = os.path.join(args.out, f"rows_{args.in_dist}_vs_{args.out_dist}.json")
+    with open(rows_path, "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=1, default=str)
     print(f"\nscores: {out['scores']}")
     if not args.no_plot:
         out["histogram"] = histograms(s_in, s_out, n, args)
