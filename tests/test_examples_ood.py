@@ -85,6 +85,7 @@ def test_finetune_oodd_tiny(tmp_path):
          "--sample-steps", "3", "--n-train", "40", "--batch-size", "20", "--out", str(tmp_path)]
     )  # fmt: skip
     assert (tmp_path / "prior" / "config.json").exists()
+    assert (tmp_path / "checkpoints" / "trainer.pt").exists()  # a rerun resumes there
     assert (tmp_path / "samples.png").stat().st_size > 1000
     assert out["samples"].shape == (16, 1, 28, 28)
 

@@ -57,6 +57,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=output_dir, default="runs/finetune_oodd")
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=100,
+        help="EBM updates between checkpoints (in OUT/checkpoints; a rerun resumes there)",
+    )
     return p.parse_args(argv)
 
 
@@ -98,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     fit_two_stage(prior, backbone, data, args.epochs, batch_size=args.batch_size,
                   lr=args.ebm_lr, reg=args.energy_reg, step_size=args.step_size,
-                  steps=args.langevin_steps, seed=args.seed)  # fmt: skip
+                  steps=args.langevin_steps, seed=args.seed,
+                  checkpoint_dir=os.path.join(args.out, "checkpoints"),
+                  checkpoint_every=args.checkpoint_every)  # fmt: skip
     prior.eval()
     prior.save_pretrained(os.path.join(args.out, "prior"))
 
