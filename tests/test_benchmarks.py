@@ -156,3 +156,30 @@ def test_ceiling_tiny_and_the_gain_is_shift_invariant(tmp_path):
         assert {("ceiling", nef, 0), ("two_stage", nef, 1), ("two_stage", nef, 2)} <= kinds
     assert all(r["log_z_ess"] > 0 for r in out["rows"] if "log_z_ess" in r)
     assert ceiling.main(["--tiny", "--out", str(tmp_path)])["rows"] == []
+
+
+def test_ood_seeds_pairs_the_runs(tmp_path):
+    """Two runs' rows: the AUROC difference is paired per run (EBM minus Gaussian of the same
+    run), its mean and t interval printed per k; a folder without rows is refused."""
+
+    import json
+
+    import pytest
+
+    from benchmarks import ood_seeds
+
+    for i, (g, e) in enumerate([(0.60, 0.70), (0.80, 0.86)]):
+        rows = [
+            {"prior": p, "k": k, "score": "L>k" if k == 0 else "LLR>k", "auroc": a + 0.1 * k,
+             "auprc": 0.5, "fpr80": 0.2}
+            for p, a in (("Gaussian prior", g), ("EBM prior", e)) for k in (0, 1)
+        ]  # fmt: skip
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "rows_a_vs_b.json").write_text(json.dumps({"rows": rows}))
+    text = ood_seeds.main([str(tmp_path / "s0"), str(tmp_path / "s1")])
+    # differences 0.10 and 0.06: mean 0.08, s.d. 0.0283, t(1) = 12.706: +-0.2541
+    assert "| L>0 | 0.700 ± 0.141 | 0.780 ± 0.113 |" in text
+    assert "+0.0800 [-0.1741, +0.3341]" in text and "| LLR>1 |" in text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="expected one rows_"):
+        ood_seeds.main([str(tmp_path / "empty")])
