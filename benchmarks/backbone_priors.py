@@ -43,6 +43,7 @@ from ebm_prior import Backbone, EpsLangevin, JointEBMPrior, load_prior, log_part
 from ebm_prior.apps.compare_priors import paired
 from ebm_prior.apps.data import load_images, load_labels
 from ebm_prior.apps.finetune_biva import load_data
+from ebm_prior.apps.images import fit_to
 from ebm_prior.apps.prior_figures import load_backbone, to_unit
 from ebm_prior.hub import atomic_write
 
@@ -57,7 +58,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", choices=("biva", "oodd", "nvae"), required=True)
     p.add_argument("--checkpoint", required=True, help="session dir / checkpoint of the backbone")
     p.add_argument("--nvae-root", default=None, help="NVAE clone (default: NVAE_ROOT)")
-    p.add_argument("--test-file", required=True, help="test data in the model's range (.npy/.pt)")
+    p.add_argument(
+        "--test-file",
+        default=None,
+        help="test data in the model's range (.npy/.pt); default: the test split of --images "
+        "brought to the model's input as NVAE's loaders do (ebm_prior.apps.images.fit_to)",
+    )
     p.add_argument(
         "--images",
         choices=("mnist", "fashion-mnist"),
@@ -134,6 +140,20 @@ def generate(
     return torch.cat(gauss), torch.cat(ebm)
 
 
+def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    r"""Centre-crops images :math:`(N, C, H, W)` to ``size`` :math:`(h, w)`: a 32x32 NVAE MNIST
+    model's images (28x28 padded by 2 pixels, as NVAE's loaders pad them) back to 28x28."""
+
+    h, w = x.shape[-2:]
+    th, tw = size
+    if (h, w) == (th, tw):
+        return x
+    if h < th or w < tw or (h - th) % 2 or (w - tw) % 2:
+        raise ValueError(f"generated images are {h}x{w}; the reference images are {th}x{tw}")
+    top, left = (h - th) // 2, (w - tw) // 2
+    return x[..., top : top + th, left : left + tw]
+
+
 def sample_scores(fake: torch.Tensor, real_feats, features, args, seed: int, tag: str) -> dict:
     feats = features(fake)
     out = {f"kid_{tag}": metrics.kernel_inception_distance(feats, real_feats, seed=seed)}
@@ -156,7 +176,8 @@ def evaluate(backbone, prior_dir: str, seed: int, test, ctx: dict, args) -> dict
     }  # fmt: skip
     t1 = time.time()
     images = generate(backbone, prior, args.samples, seed, args.steps)
-    fake = dict(zip(("gaussian", "ebm"), images))
+    size = ctx["image_size"]
+    fake = dict(zip(("gaussian", "ebm"), (crop_to(x, size) for x in images)))
     row["sample_s"] = time.time() - t1
     for name, x in fake.items():
         for tag, (feat, real) in ctx["features"].items():
@@ -222,7 +243,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             rows = [json.loads(line) for line in f if line.strip()]
     done = {r["seed"] for r in rows}
     backbone = load_backbone(args.backbone, args.checkpoint, args.nvae_root)
-    test = load_data(args.test_file)[: args.test_size]
+    if args.test_file:
+        test = load_data(args.test_file)[: args.test_size]
+    else:
+        test = fit_to(load_images(args.images, "test")[: args.test_size], backbone.x_shape)
     n = args.classifier_size
     classifier = metrics.ClassifierFeatures(
         load_images(args.images, "train")[:n], load_labels(args.images, "train")[:n],
@@ -233,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.inception:
         inc = metrics.InceptionFeatures()
         features["inc"] = (inc, inc(real[: max(args.fid_ns)]))
-    ctx = {"features": features}
+    ctx = {"features": features, "image_size": tuple(real.shape[-2:])}
     for seed, prior_dir in zip(args.seeds, args.priors):
         if seed in done:
             continue

