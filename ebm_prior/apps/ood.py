@@ -49,6 +49,7 @@ from ebm_prior.apps._common import (
     positive_int,
     require,
 )
+from ebm_prior.apps.prior_figures import load_backbone
 from ebm_prior.apps.training import fit_elbo, fit_two_stage
 from ebm_prior.ood import hierarchical_bound, ood_metrics, paired_auroc_difference
 
@@ -161,17 +162,13 @@ def oodd_lvae(channels: int, shape: tuple[int, ...]):
 def make_backbone(args, train: torch.Tensor) -> tuple[GroupwiseBackbone, bool]:
     r"""Returns the backbone and whether it still needs training."""
 
-    if args.backbone == "biva":
-        from ebm_prior.adapters.biva import BIVABackbone
-
-        if not args.checkpoint:
-            raise ValueError("--backbone biva needs --checkpoint (a run_deepvae.py session)")
-        return BIVABackbone.from_logdir(args.checkpoint), False
+    if args.backbone == "biva" and not args.checkpoint:
+        raise ValueError("--backbone biva needs --checkpoint (a run_deepvae.py session)")
+    if args.backbone in ("biva", "oodd") and args.checkpoint:
+        return load_backbone(args.backbone, args.checkpoint), False
     if args.backbone == "oodd":
         from ebm_prior.adapters.oodd import OODDBackbone, data_dependent_init
 
-        if args.checkpoint:
-            return OODDBackbone.from_checkpoint(args.checkpoint), False
         model = data_dependent_init(oodd_lvae(args.channels, tuple(train.shape[1:])), train[:64])
         return OODDBackbone(model), True
     if args.checkpoint:
