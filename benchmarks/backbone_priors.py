@@ -42,9 +42,7 @@ import torch
 from ebm_prior import Backbone, EpsLangevin, JointEBMPrior, load_prior, log_partition
 from ebm_prior.apps.compare_priors import paired
 from ebm_prior.apps.data import load_images, load_labels
-from ebm_prior.apps.finetune_biva import load_data
-from ebm_prior.apps.images import fit_to
-from ebm_prior.apps.prior_figures import load_backbone, to_unit
+from ebm_prior.apps.prior_figures import load_backbone, test_images, to_unit
 from ebm_prior.hub import atomic_write
 
 if __package__:  # imported as benchmarks.backbone_priors
@@ -243,10 +241,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             rows = [json.loads(line) for line in f if line.strip()]
     done = {r["seed"] for r in rows}
     backbone = load_backbone(args.backbone, args.checkpoint, args.nvae_root)
-    if args.test_file:
-        test = load_data(args.test_file)[: args.test_size]
-    else:
-        test = fit_to(load_images(args.images, "test")[: args.test_size], backbone.x_shape)
+    test = test_images(backbone, args.test_file, args.images, args.test_size)
     n = args.classifier_size
     classifier = metrics.ClassifierFeatures(
         load_images(args.images, "train")[:n], load_labels(args.images, "train")[:n],

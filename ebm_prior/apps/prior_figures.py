@@ -120,18 +120,21 @@ def _panels(path: str, panels: Sequence[tuple[Tensor, int, str]], title: str) ->
     pyplot.close(fig)
 
 
-def _test_images(args, backbone: Backbone) -> Tensor:
-    r"""The first ``--rows`` test images in the model's range: ``--data-file`` as written, or
-    the test split of ``--images`` brought to :attr:`backbone.x_shape` by ``fit_to``."""
+def test_images(
+    backbone: Backbone, data_file: str | None, images: str | None, n: int | None = None
+) -> Tensor:
+    r"""The first ``n`` test images in the model's range, shape :math:`(n, *x\_shape)`:
+    ``data_file`` (.npy/.pt) as written, or the test split of ``images`` (``"mnist"`` /
+    ``"fashion-mnist"``) brought to :attr:`backbone.x_shape` by ``fit_to`` (NVAE's loaders)."""
 
-    if args.data_file is not None:
+    if data_file is not None:
         from ebm_prior.apps.finetune_biva import load_data
 
-        return load_data(args.data_file)[: args.rows]
+        return load_data(data_file)[:n]
     from ebm_prior.apps.data import load_images
     from ebm_prior.apps.images import fit_to
 
-    return fit_to(load_images(args.images, "test")[: args.rows], backbone.x_shape)
+    return fit_to(load_images(images, "test")[:n], backbone.x_shape)
 
 
 def _sampler(prior: JointEBMPrior, backbone: Backbone, args, gen, **kw) -> EpsLangevin:
@@ -237,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     if (args.data_file is not None or args.images is not None) and args.repeats > 0:
         from ebm_prior.apps.hierarchical_reconstruction import hierarchical_reconstructions
 
-        data = _test_images(args, backbone).to(backbone.device, backbone.dtype)
+        data = test_images(backbone, args.data_file, args.images, args.rows)
+        data = data.to(backbone.device, backbone.dtype)
         options = {**prior.sampler_config}
         grid = hierarchical_reconstructions(
             prior, backbone, data, repeats=args.repeats,
