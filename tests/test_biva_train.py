@@ -136,10 +136,10 @@ def test_binmnist_files_load_with_biva(tmp_path, monkeypatch):
     assert torch.equal(train.data, expected)  # train + valid, in MNIST's order
     assert torch.equal(test.data, _data.binarize(_data.load_images("mnist", "test"), 1))
     # the same training images for `ebm-prior finetune-biva --data-file`
-    from ebm_prior.apps.finetune_biva import load_data
+    from ebm_prior.apps.data import load_array
 
-    assert torch.equal(load_data(str(folder / "train.npy")), expected)
-    assert torch.equal(load_data(str(folder / "test.npy")), test.data)  # for the evaluation
+    assert torch.equal(load_array(str(folder / "train.npy")), expected)
+    assert torch.equal(load_array(str(folder / "test.npy")), test.data)  # for the evaluation
 
     assert write_binmnist(tmp_path, "mnist", seed=0) == []  # identical files are left alone
     with pytest.raises(BIVATrainError, match="mnist.pkl.gz exists with other content"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ebm_prior.apps.images import fit_to, load_images, save_npz
+from ebm_prior.apps.images import fit_to, load_images, save_npz, tile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,17 @@ def test_fit_to_pads_and_binarises_mnist_like_nvae():
     assert rgb.shape == (2, 3, 16, 16) and 0 <= rgb.min() and rgb.max() <= 1
     with pytest.raises(ValueError, match="images have 2 channels, the model expects 3"):
         fit_to(torch.rand(1, 2, 8, 8), (3, 8, 8))
+
+
+def test_tile_places_each_image_in_its_cell_between_borders():
+    x = torch.arange(5 * 3 * 2 * 4, dtype=torch.float32).reshape(5, 3, 2, 4) / 120
+    img = tile(x, ncol=2, border=0.5)  # 3 rows of 2 cells of 2x4, 1-pixel borders
+    assert img.shape == (3 * 3 + 1, 2 * 5 + 1, 3)
+    assert torch.equal(img[4:6, 6:10], x[3].permute(1, 2, 0))  # image 3: row 1, column 1
+    assert (img[7:9, 6:10] == 0.5).all()  # the empty sixth cell
+    assert (img[0] == 0.5).all() and (img[:, 5] == 0.5).all()  # borders
+    grey = tile(x[:, :1], ncol=5)
+    assert grey.shape == (4, 26) and torch.equal(grey[1:3, 1:5], x[0, 0])
 
 
 def test_save_npz_is_uint8(tmp_path):

@@ -56,6 +56,18 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     )
 
 
+def add_checkpoint_every(p: argparse.ArgumentParser, default: int = 100) -> None:
+    r"""Adds ``--checkpoint-every N``: EBM updates between the trainer's checkpoints (written
+    atomically to ``OUT/checkpoints``; a rerun with the same ``--out`` resumes there)."""
+
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=default,
+        help="EBM updates between checkpoints (in OUT/checkpoints; a rerun resumes there)",
+    )
+
+
 # -- numbers ------------------------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ from ebm_prior.apps._common import (
     positive_int,
     require,
 )
+from ebm_prior.apps.images import panels
 from ebm_prior.apps.training import fit_elbo, fit_two_stage
 from ebm_prior.hub import atomic_write
 
@@ -152,11 +153,6 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 def figure(vae: HierarchicalVAE, prior: JointEBMPrior, args: argparse.Namespace, seed: int) -> str:
     r"""Samples of both priors from the same base draws, and a Langevin transition."""
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     g = torch.Generator().manual_seed(seed)
     eps = vae.sample_eps(64, generator=g)
     gauss = vae.decode(vae.eps_to_z(eps))
@@ -170,30 +166,13 @@ def figure(vae: HierarchicalVAE, prior: JointEBMPrior, args: argparse.Namespace,
         trace.append(vae.decode(vae.eps_to_z([e[:rows] for e in x])))
     ebm = vae.decode(vae.eps_to_z(x))
 
-    def tile(x: torch.Tensor, ncol: int) -> torch.Tensor:
-        n, _, h, w = x.shape
-        nrow = math.ceil(n / ncol)
-        img = torch.ones(nrow * (h + 1) + 1, ncol * (w + 1) + 1)
-        for k in range(n):
-            r, c = divmod(k, ncol)
-            img[1 + r * (h + 1) : (r + 1) * (h + 1), 1 + c * (w + 1) : (c + 1) * (w + 1)] = x[k, 0]
-        return img
-
     transition = torch.stack(trace, 1).reshape(rows * snaps, *gauss.shape[1:])
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
-    for ax, img, title in (
-        (axes[0], tile(gauss, 8), "Gaussian prior"),
-        (axes[1], tile(ebm, 8), "joint EBM prior (same base draws)"),
-        (axes[2], tile(transition, snaps),
-         f"Langevin, steps {', '.join(map(str, steps))}"),
-    ):  # fmt: skip
-        ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
     path = os.path.join(args.out, "compare.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels(path, [
+        (gauss, 8, "Gaussian prior"),
+        (ebm, 8, "joint EBM prior (same base draws)"),
+        (transition, snaps, f"Langevin, steps {', '.join(map(str, steps))}"),
+    ])  # fmt: skip
     return path
 
 

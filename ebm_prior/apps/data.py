@@ -178,6 +178,17 @@ def load_labels(
     return torch.from_numpy(np.array(data, dtype=np.int64)).reshape(-1)
 
 
+def load_array(path: str) -> torch.Tensor:
+    r"""Reads an ``(N, C, H, W)`` float array from a ``.npy`` or ``.pt`` file (no pickle): the
+    ``--data-file`` of ``finetune-biva`` and ``prior-figures``."""
+
+    if path.endswith(".npy"):
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    if path.endswith(".pt"):
+        return torch.load(path, weights_only=True).float()
+    raise ValueError(f"--data-file must be a .npy or .pt array, got {path!r}")
+
+
 def binarize(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     r"""Returns a fixed Bernoulli binarisation of images in [0, 1]."""
 

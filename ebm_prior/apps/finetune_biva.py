@@ -31,6 +31,7 @@ from torch import Tensor
 from ebm_prior import EpsLangevin, JointEBMPrior
 from ebm_prior.adapters.biva import BIVABackbone
 from ebm_prior.apps._common import (
+    add_checkpoint_every,
     existing_file,
     nonnegative_float,
     output_dir,
@@ -39,6 +40,7 @@ from ebm_prior.apps._common import (
     positive_int,
     require,
 )
+from ebm_prior.apps.data import load_array
 from ebm_prior.apps.hierarchical_reconstruction import save_grid, tiny_biva, train_backbone
 from ebm_prior.apps.train_digits import load_digits_binary
 from ebm_prior.apps.training import fit_two_stage
@@ -75,18 +77,6 @@ def write_demo_session(path: str, data: Tensor, epochs: int) -> None:
     torch.save(model.state_dict(), os.path.join(path, "model.pth"))
 
 
-def load_data(path: str) -> Tensor:
-    r"""Reads an ``(N, C, H, W)`` array from a ``.npy`` or ``.pt`` file (no pickle)."""
-
-    if path.endswith(".npy"):
-        import numpy as np
-
-        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
-    if path.endswith(".pt"):
-        return torch.load(path, weights_only=True).float()
-    raise ValueError(f"--data-file must be a .npy or .pt array, got {path!r}")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--logdir", default=None, help="a run_deepvae.py session (default: demo)")
@@ -114,12 +104,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=positive_int, default=36)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=output_dir, default="runs/biva", help="output directory")
-    p.add_argument(
-        "--checkpoint-every",
-        type=positive_int,
-        default=100,
-        help="EBM updates between checkpoints (in OUT/checkpoints; a rerun resumes there)",
-    )
+    add_checkpoint_every(p)
     p.add_argument("--push-to-hub", metavar="REPO", help="push the fitted prior to the Hub")
     return p.parse_args(argv)
 
@@ -138,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         if args.data_file is None:
             raise SystemExit("--logdir needs --data-file (the data the model was trained on)")
-        logdir, data = args.logdir, load_data(args.data_file)
+        logdir, data = args.logdir, load_array(args.data_file)
 
     backbone = BIVABackbone.from_logdir(logdir).eval().requires_grad_(False)
     print(f"loaded {logdir}: {backbone.num_groups} groups {backbone.latent_shapes}")

@@ -43,6 +43,7 @@ from ebm_prior import EpsLangevin, JointEBMPrior, TwoStageTrainer
 from ebm_prior.adapters.nvae import NVAEBackbone, save_checkpoint
 from ebm_prior.apps import fid as _fid
 from ebm_prior.apps._common import (
+    add_checkpoint_every,
     nonnegative_float,
     nonnegative_int,
     output_dir,
@@ -119,7 +120,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="ITERS",
         help="re-estimate NVAE's BN statistics at --t first (NVAE: 500)",
     )
-    p.add_argument("--checkpoint-every", type=positive_int, default=500)
+    add_checkpoint_every(p, default=500)
     p.add_argument(
         "--sample-every", type=nonnegative_int, default=0, help="sample grid every N steps"
     )

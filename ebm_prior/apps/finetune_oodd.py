@@ -26,6 +26,7 @@ import torch
 from ebm_prior import EpsLangevin, JointEBMPrior
 from ebm_prior.apps import data as _data
 from ebm_prior.apps._common import (
+    add_checkpoint_every,
     nonnegative_float,
     output_dir,
     parser,
@@ -57,12 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=output_dir, default="runs/finetune_oodd")
-    p.add_argument(
-        "--checkpoint-every",
-        type=positive_int,
-        default=100,
-        help="EBM updates between checkpoints (in OUT/checkpoints; a rerun resumes there)",
-    )
+    add_checkpoint_every(p)
     return p.parse_args(argv)
 
 

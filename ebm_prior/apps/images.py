@@ -8,7 +8,9 @@ r"""Images for the NVAE applications: torchvision datasets, an image folder, or 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -187,26 +189,57 @@ def save_npz(path: str, images: torch.Tensor) -> None:
     atomic_write(path, write)
 
 
+def tile(x: torch.Tensor, ncol: int, border: float = 1.0) -> torch.Tensor:
+    r"""Images :math:`(N, C, H, W)` in [0, 1] as one :math:`(H', W')` (grey) or
+    :math:`(H', W', C)` array, ``ncol`` per row, separated by 1-pixel borders of value
+    ``border`` (white by default); :math:`H' = \lceil N / ncol \rceil (H + 1) + 1`,
+    :math:`W' = ncol (W + 1) + 1`."""
+
+    x = x.detach().cpu().float()
+    n, c, h, w = x.shape
+    nrow = math.ceil(n / ncol)
+    img = torch.full((c, nrow * (h + 1) + 1, ncol * (w + 1) + 1), float(border))
+    for k in range(n):
+        r, col = divmod(k, ncol)
+        img[:, 1 + r * (h + 1) : (r + 1) * (h + 1), 1 + col * (w + 1) : (col + 1) * (w + 1)] = x[k]
+    return img[0] if c == 1 else img.permute(1, 2, 0)
+
+
+def panels(
+    path: str, items: Sequence[tuple[torch.Tensor, int, str]], title: str = "", dpi: int = 110
+) -> None:
+    r"""Writes one figure of side-by-side image grids: ``items`` holds ``(images, ncol, name)``
+    with images :math:`(N, C, H, W)` in [0, 1] (needs matplotlib)."""
+
+    require("matplotlib", "examples", "the figures").use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 4.6), squeeze=False)
+    for ax, (images, ncol, name) in zip(axes[0], items):
+        ax.imshow(tile(images.clamp(0, 1), ncol).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def save_grid(path: str, images: torch.Tensor, nrow: int | None = None, title: str = "") -> None:
-    r"""Writes a PNG grid of images :math:`(N, C, H, W)` in [0, 1] (needs matplotlib)."""
+    r"""Writes a PNG grid of images :math:`(N, C, H, W)` in [0, 1], ``nrow`` per row (default
+    about :math:`\sqrt{N}`), grey borders (needs matplotlib)."""
 
     require("matplotlib", "examples", "sample grids").use("Agg")
     import matplotlib.pyplot as plt
 
-    x = images.detach().cpu().clamp(0, 1).float()
-    n, c, h, w = x.shape
-    nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
-    rows = int(np.ceil(n / nrow))
-    grid = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 0.5)  # grey 1-pixel borders
-    for k in range(n):
-        r, col = divmod(k, nrow)
-        grid[:, 1 + r * (h + 1) : (r + 1) * (h + 1), 1 + col * (w + 1) : (col + 1) * (w + 1)] = x[
-            k
-        ]
-    img = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
-    aspect = grid.shape[1] / grid.shape[2]
+    n = images.shape[0]
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    grid = tile(images.clamp(0, 1), nrow, border=0.5)
+    c = images.shape[1]
+    aspect = grid.shape[0] / grid.shape[1]
     fig = plt.figure(figsize=(6, 6 * aspect + 0.3))
-    plt.imshow(img, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    plt.imshow(grid.numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
     plt.axis("off")
     if title:
         plt.title(title, fontsize=8)

@@ -34,6 +34,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from ebm_prior.apps._common import (
 )
 from ebm_prior.apps.prior_figures import load_backbone
 from ebm_prior.apps.training import fit_elbo, fit_two_stage
+from ebm_prior.hub import atomic_write
 from ebm_prior.ood import hierarchical_bound, ood_metrics, paired_auroc_difference
 
 
@@ -342,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out["scores"] = os.path.join(args.out, f"scores_{args.in_dist}_vs_{args.out_dist}.npz")
     save_scores(s_in, s_out, out["scores"])
     rows_path = os.path.join(args.out, f"rows_{args.in_dist}_vs_{args.out_dist}.json")
-    with open(rows_path, "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=1, default=str)
+    text = json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str)
+    atomic_write(rows_path, lambda tmp: Path(tmp).write_text(text))
     print(f"\nscores: {out['scores']}")
     if not args.no_plot:
         out["histogram"] = histograms(s_in, s_out, n, args)

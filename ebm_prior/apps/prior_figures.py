@@ -45,6 +45,7 @@ from ebm_prior.apps._common import (
     positive_int,
     require,
 )
+from ebm_prior.apps.images import panels
 
 __all__ = ["load_backbone", "main", "to_unit"]
 
@@ -92,34 +93,6 @@ def _decode(backbone: Backbone, eps: Sequence[Tensor], t: float = 1.0) -> Tensor
         return to_unit(backbone, backbone.decode(backbone.eps_to_z(eps, t))).cpu()
 
 
-def _tile(x: Tensor, ncol: int) -> Tensor:
-    r"""Images :math:`(N, C, H, W)` in [0, 1] as one :math:`(H', W', C)` or :math:`(H', W')`
-    array, ``ncol`` per row, with 1-pixel white borders."""
-
-    n, c, h, w = x.shape
-    nrow = math.ceil(n / ncol)
-    img = torch.ones(c, nrow * (h + 1) + 1, ncol * (w + 1) + 1)
-    for k in range(n):
-        r, col = divmod(k, ncol)
-        img[:, 1 + r * (h + 1) : (r + 1) * (h + 1), 1 + col * (w + 1) : (col + 1) * (w + 1)] = x[k]
-    return img[0] if c == 1 else img.permute(1, 2, 0)
-
-
-def _panels(path: str, panels: Sequence[tuple[Tensor, int, str]], title: str) -> None:
-    require("matplotlib", "examples", "the figures").use("Agg")
-    import matplotlib.pyplot as pyplot
-
-    fig, axes = pyplot.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
-    for ax, (images, ncol, name) in zip(axes[0], panels):
-        ax.imshow(_tile(images.float().clamp(0, 1), ncol).numpy(), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot.close(fig)
-
-
 def test_images(
     backbone: Backbone, data_file: str | None, images: str | None, n: int | None = None
 ) -> Tensor:
@@ -128,9 +101,9 @@ def test_images(
     ``"fashion-mnist"``) brought to :attr:`backbone.x_shape` by ``fit_to`` (NVAE's loaders)."""
 
     if data_file is not None:
-        from ebm_prior.apps.finetune_biva import load_data
+        from ebm_prior.apps.data import load_array
 
-        return load_data(data_file)[:n]
+        return load_array(data_file)[:n]
     from ebm_prior.apps.data import load_images
     from ebm_prior.apps.images import fit_to
 
@@ -203,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     ebm = to_unit(backbone, backbone.decode(_sampler(prior, backbone, args, gen)(eps0).z).detach())
     paths["samples"] = os.path.join(args.out, "samples.png")
     ncol = math.ceil(math.sqrt(args.samples))
-    _panels(paths["samples"],
+    panels(paths["samples"],
             [(_decode(backbone, eps0), ncol, "Gaussian prior"),
              (ebm.cpu(), ncol, "joint EBM prior (same base draws)")],
             f"{args.backbone}: the backbone's prior vs the EBM prior")  # fmt: skip
@@ -219,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         snaps.append(_decode(backbone, x))
     paths["transitions"] = os.path.join(args.out, "transitions.png")
     grid = torch.stack(snaps, 1).flatten(0, 1)
-    _panels(paths["transitions"], [(grid, args.snapshots, f"steps {marks}")],
+    panels(paths["transitions"], [(grid, args.snapshots, f"steps {marks}")],
             "Langevin transitions: base prior (left) to EBM prior (right)")  # fmt: skip
 
     # temperature (Fig. 10): columns of one panel per prior
@@ -231,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         cols_e.append(to_unit(backbone, backbone.decode(out.z).detach()).cpu())
     k = len(args.temperatures)
     paths["temperature"] = os.path.join(args.out, "temperature.png")
-    _panels(paths["temperature"],
+    panels(paths["temperature"],
             [(torch.stack(cols_g, 1).flatten(0, 1), k, "Gaussian prior"),
              (torch.stack(cols_e, 1).flatten(0, 1), k, "joint EBM prior")],
             f"temperature t = {', '.join(map(str, args.temperatures))} (columns)")  # fmt: skip
@@ -250,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         )  # fmt: skip
         grid = to_unit(backbone, grid.flatten(0, 1)).cpu()
         paths["hierarchical"] = os.path.join(args.out, "hierarchical.png")
-        _panels(paths["hierarchical"], [(grid, grid.shape[0] // len(data), "")],
+        panels(paths["hierarchical"], [(grid, grid.shape[0] // len(data), "")],
                 "data | reconstruction | lowest m = 1..L groups\nresampled from the EBM "
                 "prior, the top groups kept")  # fmt: skip
     for name, path in paths.items():
