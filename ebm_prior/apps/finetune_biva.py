@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 from collections.abc import Sequence
@@ -41,7 +42,8 @@ from ebm_prior.apps._common import (
     require,
 )
 from ebm_prior.apps.data import load_array
-from ebm_prior.apps.hierarchical_reconstruction import save_grid, tiny_biva, train_backbone
+from ebm_prior.apps.hierarchical_reconstruction import tiny_biva, train_backbone
+from ebm_prior.apps.images import panels
 from ebm_prior.apps.train_digits import load_digits_binary
 from ebm_prior.apps.training import fit_two_stage
 
@@ -165,14 +167,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ebm = backbone.decode(out.z)
     if backbone.likelihood == "discretized_logistic":
         base, ebm = (base + 1) / 2, (ebm + 1) / 2
-    n = args.samples
     path = os.path.join(args.out, "samples_biva.png")
-    save_grid(
-        torch.stack([base, ebm], 0).transpose(0, 1).reshape(-1, 2, *base.shape[1:])[:n],
-        path,
-        ["Gaussian prior", "EBM prior"],
-        "BIVA: same starting noise, base prior vs Langevin on the EBM prior",
-    )
+    ncol = math.ceil(math.sqrt(args.samples))
+    panels(path, [(base, ncol, "Gaussian prior"), (ebm, ncol, "EBM prior (Langevin)")],
+           "BIVA: same starting noise, base prior vs Langevin on the EBM prior")  # fmt: skip
     print(f"wrote {path} and {prior_dir}")
     return {"prior_dir": prior_dir, "samples": ebm, "path": path, "backbone": backbone}
 

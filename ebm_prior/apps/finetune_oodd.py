@@ -34,6 +34,7 @@ from ebm_prior.apps._common import (
     positive_int,
     require,
 )
+from ebm_prior.apps.images import panels
 from ebm_prior.apps.ood import oodd_lvae, train_elbo
 from ebm_prior.apps.training import fit_two_stage
 
@@ -106,34 +107,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     prior.eval()
     prior.save_pretrained(os.path.join(args.out, "prior"))
 
-    eps = backbone.sample_eps(16, generator=torch.Generator().manual_seed(args.seed))
+    gen = torch.Generator().manual_seed(args.seed)
+    eps = backbone.sample_eps(16, generator=gen)
     with torch.no_grad():
         gaussian = backbone.decode(backbone.eps_to_z(eps))
-    z = EpsLangevin(prior, backbone, step_size=args.step_size, steps=args.sample_steps)(eps).z
+    sampler = EpsLangevin(
+        prior, backbone, step_size=args.step_size, steps=args.sample_steps, generator=gen
+    )
+    z = sampler(eps).z
     with torch.no_grad():
         samples = backbone.decode(z)
     path = os.path.join(args.out, "samples.png")
-    _grid(gaussian, samples, path)
+    os.makedirs(args.out, exist_ok=True)
+    panels(path, [(gaussian, 4, "Gaussian prior"), (samples, 4, "EBM prior (Langevin)")],
+           "hvae-oodd: same starting noise, base prior vs Langevin on the EBM prior")  # fmt: skip
     print(f"prior: {os.path.join(args.out, 'prior')}\nsamples: {path}")
     return {"samples": samples, "gaussian": gaussian, "prior": prior}
-
-
-def _grid(gaussian: torch.Tensor, ebm: torch.Tensor, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
-    for ax, x, title in zip(axes, (gaussian, ebm), ("Gaussian prior", "EBM prior (Langevin)")):
-        g = x[:16].clamp(0, 1).reshape(4, 4, *x.shape[2:]).permute(0, 2, 1, 3)
-        ax.imshow(g.reshape(4 * x.shape[2], 4 * x.shape[3]).numpy(), cmap="gray")
-        ax.set_title(title)
-        ax.axis("off")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
