@@ -118,7 +118,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with torch.no_grad():
         samples = backbone.decode(z)
     path = os.path.join(args.out, "samples.png")
-    os.makedirs(args.out, exist_ok=True)
     panels(path, [(gaussian, 4, "Gaussian prior"), (samples, 4, "EBM prior (Langevin)")],
            "hvae-oodd: same starting noise, base prior vs Langevin on the EBM prior")  # fmt: skip
     print(f"prior: {os.path.join(args.out, 'prior')}\nsamples: {path}")

@@ -45,7 +45,8 @@ from ebm_prior.apps._common import (
     positive_int,
     require,
 )
-from ebm_prior.apps.images import panels
+from ebm_prior.apps.data import load_array, load_images
+from ebm_prior.apps.images import fit_to, panels
 
 __all__ = ["load_backbone", "main", "to_unit"]
 
@@ -101,12 +102,7 @@ def test_images(
     ``"fashion-mnist"``) brought to :attr:`backbone.x_shape` by ``fit_to`` (NVAE's loaders)."""
 
     if data_file is not None:
-        from ebm_prior.apps.data import load_array
-
         return load_array(data_file)[:n]
-    from ebm_prior.apps.data import load_images
-    from ebm_prior.apps.images import fit_to
-
     return fit_to(load_images(images, "test")[:n], backbone.x_shape)
 
 
@@ -177,9 +173,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     paths["samples"] = os.path.join(args.out, "samples.png")
     ncol = math.ceil(math.sqrt(args.samples))
     panels(paths["samples"],
-            [(_decode(backbone, eps0), ncol, "Gaussian prior"),
-             (ebm.cpu(), ncol, "joint EBM prior (same base draws)")],
-            f"{args.backbone}: the backbone's prior vs the EBM prior")  # fmt: skip
+           [(_decode(backbone, eps0), ncol, "Gaussian prior"),
+            (ebm.cpu(), ncol, "joint EBM prior (same base draws)")],
+           f"{args.backbone}: the backbone's prior vs the EBM prior")  # fmt: skip
 
     # transitions (Fig. 7): one chain cut in segments on the same generator
     steps = args.steps or prior.sampler_config.get("steps", 100)
@@ -193,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     paths["transitions"] = os.path.join(args.out, "transitions.png")
     grid = torch.stack(snaps, 1).flatten(0, 1)
     panels(paths["transitions"], [(grid, args.snapshots, f"steps {marks}")],
-            "Langevin transitions: base prior (left) to EBM prior (right)")  # fmt: skip
+           "Langevin transitions: base prior (left) to EBM prior (right)")  # fmt: skip
 
     # temperature (Fig. 10): columns of one panel per prior
     base = backbone.sample_eps(args.rows, generator=gen)
@@ -205,9 +201,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     k = len(args.temperatures)
     paths["temperature"] = os.path.join(args.out, "temperature.png")
     panels(paths["temperature"],
-            [(torch.stack(cols_g, 1).flatten(0, 1), k, "Gaussian prior"),
-             (torch.stack(cols_e, 1).flatten(0, 1), k, "joint EBM prior")],
-            f"temperature t = {', '.join(map(str, args.temperatures))} (columns)")  # fmt: skip
+           [(torch.stack(cols_g, 1).flatten(0, 1), k, "Gaussian prior"),
+            (torch.stack(cols_e, 1).flatten(0, 1), k, "joint EBM prior")],
+           f"temperature t = {', '.join(map(str, args.temperatures))} (columns)")  # fmt: skip
 
     # hierarchical sampling with the top groups fixed (Fig. 5)
     if (args.data_file is not None or args.images is not None) and args.repeats > 0:
@@ -224,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         grid = to_unit(backbone, grid.flatten(0, 1)).cpu()
         paths["hierarchical"] = os.path.join(args.out, "hierarchical.png")
         panels(paths["hierarchical"], [(grid, grid.shape[0] // len(data), "")],
-                "data | reconstruction | lowest m = 1..L groups\nresampled from the EBM "
-                "prior, the top groups kept")  # fmt: skip
+               "data | reconstruction | lowest m = 1..L groups\nresampled from the EBM "
+               "prior, the top groups kept")  # fmt: skip
     for name, path in paths.items():
         print(f"wrote {name}: {path}")
     return paths
