@@ -15,7 +15,10 @@ Gaussian prior:
   :math:`s`), decoded directly (Gaussian prior) and after the prior's recorded eps-space
   Langevin chain (EBM prior); KID and FID at ``--fid-ns`` extrapolated to FID-infinity, in the
   features of a small classifier trained on the grey training images of ``--images`` (and, with
-  ``--inception``, Inception-v3's pool3), against the grey test images.
+  ``--inception``, Inception-v3's pool3), against the grey test images; and the classifier's
+  view of the samples (:func:`metrics.class_summary`): the total variation distance of the
+  predicted-class histogram to the test set's class proportions, and the mean top-class
+  probability.
 
 Rows go to ``<out>/rows.jsonl`` as each seed finishes (a rerun skips the seeds already there);
 ``<out>/results.md`` has the per-seed table and the paired differences (EBM minus Gaussian of
@@ -181,6 +184,9 @@ def evaluate(backbone, prior_dir: str, seed: int, test, ctx: dict, args) -> dict
         for tag, (feat, real) in ctx["features"].items():
             row.update({f"{k}_{name}": v for k, v in
                         sample_scores(x, real, feat, args, seed, tag).items()})  # fmt: skip
+        classifier, labels = ctx["classes"]
+        summary = metrics.class_summary(classifier.probabilities(x), labels)
+        row.update({f"{k}_{name}": v for k, v in summary.items()})
     row["seconds"] = time.time() - t0
     return row
 
@@ -191,6 +197,8 @@ METRICS = (  # key, label, higher is better
     ("fid_inf_cls", "FID-inf cls", False),
     ("kid_inc", "KID Inception", False),
     ("fid_inf_inc", "FID-inf Inception", False),
+    ("class_tv", "class TV", False),
+    ("top_prob", "top-class prob", True),
 )
 
 
@@ -199,7 +207,7 @@ def _key(metric: str, prior: str) -> str:
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
-    present = [m for m in METRICS if _key(m[0], "ebm") in rows[0]]
+    present = [m for m in METRICS if all(_key(m[0], "ebm") in r for r in rows)]
     head = ["seed", "log Z +- s.e. (method, ESS)"]
     for _, label, _ in present:
         head += [f"{label} Gaussian", f"{label} EBM"]
@@ -252,7 +260,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.inception:
         inc = metrics.InceptionFeatures()
         features["inc"] = (inc, inc(real[: max(args.fid_ns)]))
-    ctx = {"features": features, "image_size": tuple(real.shape[-2:])}
+    ctx = {
+        "features": features,
+        "image_size": tuple(real.shape[-2:]),
+        "classes": (classifier, load_labels(args.images, "test")),
+    }
     for seed, prior_dir in zip(args.seeds, args.priors):
         if seed in done:
             continue

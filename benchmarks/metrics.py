@@ -276,11 +276,51 @@ class ClassifierFeatures:
         return torch.cat([self.net.body(c.clamp(0, 1)) for c in x.split(500)])
 
     @torch.no_grad()
+    def probabilities(self, x: Tensor) -> Tensor:
+        r"""Returns the classifier's class probabilities of images ``x`` in [0, 1], shape
+        :math:`(N, \text{classes})`."""
+
+        return torch.cat([self.net(c.clamp(0, 1)).softmax(1) for c in x.split(500)])
+
+    @torch.no_grad()
     def accuracy(self, x: Tensor, y: Tensor) -> float:
         r"""Returns the classification accuracy on ``(x, y)``."""
 
         pred = torch.cat([self.net(c).argmax(1) for c in x.split(500)])
         return (pred == y).double().mean().item()
+
+
+def class_summary(probs: Tensor, labels: Tensor) -> dict[str, float]:
+    r"""Summarises a classifier's view of generated images against a labelled reference set.
+
+    - ``class_tv``: the total variation distance between the histogram of predicted classes
+      :math:`\hat p_c = \frac1N \#\{i: \arg\max_k p_{ik} = c\}` and the reference set's class
+      proportions :math:`r_c`, :math:`\frac12 \sum_c |\hat p_c - r_c|` (0: the same class
+      balance; 1: disjoint classes);
+    - ``top_prob``: the mean top-class probability :math:`\frac1N \sum_i \max_k p_{ik}`, how
+      recognisable the images are to the classifier (the sharpness term of the Inception score).
+
+    Arguments:
+        probs: Class probabilities of the generated images, shape :math:`(N, C)`.
+        labels: Labels of the reference images, shape :math:`(M,)`, values in :math:`[0, C)`.
+
+    Example:
+        >>> class_summary(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1]))
+        {'class_tv': 0.5, 'top_prob': 1.0}
+    """
+
+    if probs.dim() != 2 or labels.dim() != 1:
+        raise ValueError(f"probs must be (N, C) and labels (M,); got {tuple(probs.shape)} and "
+                         f"{tuple(labels.shape)}")  # fmt: skip
+    c = probs.shape[1]
+    if labels.numel() and (labels.min() < 0 or labels.max() >= c):
+        raise ValueError(f"labels must lie in [0, {c}); got {labels.min()} to {labels.max()}")
+    fake = torch.bincount(probs.argmax(1), minlength=c).double() / len(probs)
+    real = torch.bincount(labels.long(), minlength=c).double() / len(labels)
+    return {
+        "class_tv": 0.5 * (fake - real).abs().sum().item(),
+        "top_prob": probs.max(1).values.double().mean().item(),
+    }
 
 
 def reconstruction_mse(x: Tensor, x_hat: Tensor) -> float:

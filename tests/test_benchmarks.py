@@ -199,3 +199,20 @@ def test_crop_to_takes_the_centre_back_to_28():
         crop_to(x, (33, 33))
     with pytest.raises(ValueError, match="reference images are 29x29"):
         crop_to(x, (29, 29))
+
+
+def test_class_summary_measures_class_balance_and_confidence():
+    import torch
+
+    from benchmarks.metrics import class_summary
+
+    labels = torch.tensor([0, 0, 1, 2])  # proportions 1/2, 1/4, 1/4
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.6, 0.2, 0.2], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6]])
+    out = class_summary(probs, labels)  # predicted classes 0, 0, 1, 2: the same balance
+    assert out["class_tv"] == pytest.approx(0.0) and out["top_prob"] == pytest.approx(0.7)
+    out = class_summary(probs[:, [1, 0, 2]], labels)  # predicted 1, 1, 0, 2
+    assert out["class_tv"] == pytest.approx(0.25)  # |1/4 - 1/2| + |1/2 - 1/4| + 0, halved
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\); got 0 to 3"):
+        class_summary(probs, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"probs must be \(N, C\)"):
+        class_summary(probs[0], labels)

@@ -140,8 +140,11 @@ def test_backbone_priors_benchmark_pairs_seeds_and_resumes(mnist_biva, tmp_path,
     for r in rows:
         assert r["ll_gaussian"] < 0 and abs(r["ll_ebm"] - r["ll_gaussian"]) < 50
         assert r["kid_cls_gaussian"] != r["kid_cls_ebm"]
+        for prior in ("gaussian", "ebm"):  # 10 classes: a top probability of at least 1/10
+            assert 0 <= r[f"class_tv_{prior}"] <= 1 and 0.1 <= r[f"top_prob_{prior}"] <= 1
     text = (tmp_path / "results.md").read_text()
     assert "95% t interval" in text and "| log p(x) nats | higher |" in text
+    assert "| class TV | lower |" in text and "| top-class prob | higher |" in text
     capsys.readouterr()
     again = backbone_priors.main(argv)
     assert again == rows and '"seed"' not in capsys.readouterr().out  # nothing recomputed
