@@ -237,6 +237,27 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def context(args: argparse.Namespace) -> dict:
+    r"""The reference side of the sample metrics: the classifier (trained once, cached in
+    ``--out``), the features of the real test images in each feature space, and their labels."""
+
+    n = args.classifier_size
+    classifier = metrics.ClassifierFeatures(
+        load_images(args.images, "train")[:n], load_labels(args.images, "train")[:n],
+        os.path.join(args.out, f"classifier_{args.images}_n{n}.safetensors"),
+    )  # fmt: skip
+    real = load_images(args.images, "test")
+    features = {"cls": (classifier, classifier(real))}
+    if args.inception:
+        inc = metrics.InceptionFeatures()
+        features["inc"] = (inc, inc(real[: max(args.fid_ns)]))
+    return {
+        "features": features,
+        "image_size": tuple(real.shape[-2:]),
+        "classes": (classifier, load_labels(args.images, "test")),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
@@ -248,26 +269,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         with open(rows_path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     done = {r["seed"] for r in rows}
-    backbone = load_backbone(args.backbone, args.checkpoint, args.nvae_root)
-    test = test_images(backbone, args.test_file, args.images, args.test_size)
-    n = args.classifier_size
-    classifier = metrics.ClassifierFeatures(
-        load_images(args.images, "train")[:n], load_labels(args.images, "train")[:n],
-        os.path.join(args.out, f"classifier_{args.images}_n{n}.safetensors"),
-    )  # fmt: skip
-    real = load_images(args.images, "test")
-    features = {"cls": (classifier, classifier(real))}
-    if args.inception:
-        inc = metrics.InceptionFeatures()
-        features["inc"] = (inc, inc(real[: max(args.fid_ns)]))
-    ctx = {
-        "features": features,
-        "image_size": tuple(real.shape[-2:]),
-        "classes": (classifier, load_labels(args.images, "test")),
-    }
-    for seed, prior_dir in zip(args.seeds, args.priors):
-        if seed in done:
-            continue
+    todo = [(seed, prior) for seed, prior in zip(args.seeds, args.priors) if seed not in done]
+    if todo:  # the feature networks and the real images' features only when a seed is left
+        backbone = load_backbone(args.backbone, args.checkpoint, args.nvae_root)
+        test = test_images(backbone, args.test_file, args.images, args.test_size)
+        ctx = context(args)
+    for seed, prior_dir in todo:
         row = evaluate(backbone, prior_dir, seed, test, ctx, args)
         rows.append(row)
         with open(rows_path, "a") as f:

@@ -146,7 +146,10 @@ def test_backbone_priors_benchmark_pairs_seeds_and_resumes(mnist_biva, tmp_path,
     assert "95% t interval" in text and "| log p(x) nats | higher |" in text
     assert "| class TV | lower |" in text and "| top-class prob | higher |" in text
     capsys.readouterr()
-    again = backbone_priors.main(argv)
+    with pytest.MonkeyPatch.context() as mp:  # every seed done: no backbone, no feature network
+        for name in ("load_backbone", "context"):
+            mp.setattr(backbone_priors, name, lambda *a, **k: pytest.fail("loaded again"))
+        again = backbone_priors.main(argv)
     assert again == rows and '"seed"' not in capsys.readouterr().out  # nothing recomputed
     other = JointEBMPrior([(3,)], nef=4, backbone={"adapter": "biva", "latent_shapes": [[3]]})
     other.save_pretrained(tmp_path / "other")
