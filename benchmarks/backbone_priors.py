@@ -184,8 +184,8 @@ def evaluate(backbone, prior_dir: str, seed: int, test, ctx: dict, args) -> dict
         for tag, (feat, real) in ctx["features"].items():
             row.update({f"{k}_{name}": v for k, v in
                         sample_scores(x, real, feat, args, seed, tag).items()})  # fmt: skip
-        classifier, labels = ctx["classes"]
-        summary = metrics.class_summary(classifier.probabilities(x), labels)
+        classifier = ctx["features"]["cls"][0]
+        summary = metrics.class_summary(classifier.probabilities(x), ctx["labels"])
         row.update({f"{k}_{name}": v for k, v in summary.items()})
     row["seconds"] = time.time() - t0
     return row
@@ -254,7 +254,7 @@ def context(args: argparse.Namespace) -> dict:
     return {
         "features": features,
         "image_size": tuple(real.shape[-2:]),
-        "classes": (classifier, load_labels(args.images, "test")),
+        "labels": load_labels(args.images, "test"),
     }
 
 
