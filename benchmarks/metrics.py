@@ -395,6 +395,11 @@ def test_log_likelihood(
     return out
 
 
+# Its name starts with ``test_``: tell pytest this is not a test when the module is collected
+# (``pytest --doctest-modules benchmarks/metrics.py``).
+test_log_likelihood.__test__ = False  # type: ignore[attr-defined]
+
+
 def gaussian_frechet(
     mu_a: Sequence[float], var_a: Sequence[float], mu_b: Sequence[float], var_b: Sequence[float]
 ) -> float:
