@@ -29,6 +29,12 @@ the same seed: mean, s.d., 95% t interval)::
         --test-file data/biva-mnist/bin-mnist/test.npy --images mnist \
         --priors runs/biva-prior/seed0/ebm-prior,runs/biva-prior/seed1/ebm-prior,... \
         --out runs/biva-eval
+
+Priors fitted with ``finetune-nvae --joint-prior`` each come with their own rewritten NVAE
+(``OUT/nvae/checkpoint.pt``): give ``--checkpoint`` one per prior (comma-separated) and
+``--baseline`` the ``--out`` of the run on the original checkpoint. The rows are then also
+compared with the original Gaussian prior of the same seed (same test images, posterior and base
+draws, and the baseline's classifier); a baseline scored with other settings is refused.
 """
 
 from __future__ import annotations
@@ -57,7 +63,12 @@ else:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backbone", choices=("biva", "oodd", "nvae"), required=True)
-    p.add_argument("--checkpoint", required=True, help="session dir / checkpoint of the backbone")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="session dir / checkpoint of the backbone; or comma-separated, one per prior (the "
+        "checkpoints finetune-nvae --joint-prior rewrites)",
+    )
     p.add_argument("--nvae-root", default=None, help="NVAE clone (default: NVAE_ROOT)")
     p.add_argument(
         "--test-file",
@@ -82,6 +93,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fid-ns", default="250,500,1000")
     p.add_argument("--fid-draws", type=int, default=5)
     p.add_argument("--inception", action="store_true", help="also Inception-v3 KID / FID")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="--out of this benchmark on the original checkpoint, same seeds and settings: also "
+        "report both priors of this run against its Gaussian prior (and use its classifier)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -91,6 +108,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     if len(args.seeds) != len(args.priors):
         p.error(f"{len(args.priors)} priors but {len(args.seeds)} seeds")
+    args.checkpoints = [c for c in args.checkpoint.split(",") if c]
+    if len(args.checkpoints) == 1:
+        args.checkpoints *= len(args.priors)
+    if len(args.checkpoints) != len(args.priors):
+        p.error(f"{len(args.priors)} priors but {len(args.checkpoints)} checkpoints")
     args.fid_ns = [int(n) for n in args.fid_ns.split(",")]
     if max(args.fid_ns) > args.samples:
         p.error(f"--fid-ns up to {max(args.fid_ns)} needs --samples >= that")
@@ -171,9 +193,10 @@ def evaluate(backbone, prior_dir: str, seed: int, test, ctx: dict, args) -> dict
     g, e = paired_log_likelihood(backbone, prior, test, args.iw_samples, seed + 1)
     e = e - lz.value
     row = {
-        "seed": seed, "prior": prior_dir, "log_z": lz.value, "log_z_se": lz.std_error,
-        "ess": lz.ess, "method": lz.method, "ll_gaussian": g.mean().item(),
-        "ll_ebm": e.mean().item(), "ll_per_image_sd": (e - g).std().item(),
+        "seed": seed, "prior": prior_dir, "settings": settings(args), "log_z": lz.value,
+        "log_z_se": lz.std_error, "ess": lz.ess, "method": lz.method,
+        "ll_gaussian": g.mean().item(), "ll_ebm": e.mean().item(),
+        "ll_per_image_sd": (e - g).std().item(),
     }  # fmt: skip
     t1 = time.time()
     images = generate(backbone, prior, args.samples, seed, args.steps)
@@ -206,7 +229,72 @@ def _key(metric: str, prior: str) -> str:
     return f"{metric}_{prior}"
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> str:
+def settings(args: argparse.Namespace) -> dict:
+    r"""What makes two runs' rows of one seed paired: the same test images, posterior draws,
+    base draws, chain and FID sample sizes."""
+
+    return {
+        "images": args.images, "test_file": args.test_file, "test_size": args.test_size,
+        "iw_samples": args.iw_samples, "samples": args.samples, "steps": args.steps,
+        "fid_ns": list(args.fid_ns), "fid_draws": args.fid_draws,
+    }  # fmt: skip
+
+
+def read_rows(out: str) -> list[dict]:
+    path = os.path.join(out, "rows.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def check_baseline(args: argparse.Namespace) -> dict[int, dict]:
+    r"""The ``--baseline`` run's rows by seed; exits, before anything is computed, when a seed
+    of this run is missing there or was scored with other settings (not paired)."""
+
+    by_seed = {r["seed"]: r for r in read_rows(args.baseline)}
+    missing = sorted(set(args.seeds) - set(by_seed))
+    if missing:
+        raise SystemExit(f"--baseline {args.baseline} has no row for seed(s) {missing}")
+    mine = settings(args)
+    for seed in args.seeds:
+        theirs = by_seed[seed].get("settings")  # rows written before settings were recorded
+        if theirs is not None and theirs != mine:
+            raise SystemExit(
+                f"seed {seed}: --baseline {args.baseline} was scored with {theirs}, this run "
+                f"with {mine}; the rows are not paired"
+            )
+    return by_seed
+
+
+def against_baseline(
+    rows: list[dict], by_seed: dict[int, dict], args: argparse.Namespace
+) -> list[str]:
+    r"""Report lines: this run's Gaussian and EBM rows minus the baseline run's Gaussian row of
+    the same seed (mean, 95% t interval over seeds, seeds better). After ``finetune-nvae
+    --joint-prior`` this run's Gaussian prior is the fine-tuned :math:`p_b` and its EBM prior
+    :math:`p_b e^{f_a} / Z`; the baseline's is the original prior."""
+
+    pairs = [(r, by_seed[r["seed"]]) for r in rows]
+    present = [m for m in METRICS if all(_key(m[0], "ebm") in r and _key(m[0], "gaussian")
+                                         in b for r, b in pairs)]  # fmt: skip
+    lines = ["", f"Against the baseline's Gaussian prior (`{args.baseline}`), same seed: this "
+             "run's Gaussian prior and EBM prior minus it (mean [95% t interval], seeds better):",
+             "", "| metric | better | baseline Gaussian | Gaussian minus baseline | EBM minus "
+             "baseline |", "|---|---|---|---|---|"]  # fmt: skip
+    for m, label, higher in present:
+        ref = [b[_key(m, "gaussian")] for _, b in pairs]
+        cells = [label, "higher" if higher else "lower", f"{sum(ref) / len(ref):.4g}"]
+        for prior in ("gaussian", "ebm"):
+            d = [r[_key(m, prior)] - b[_key(m, "gaussian")] for r, b in pairs]
+            mean, _, lo, hi = paired(d)
+            wins = sum(v > 0 if higher else v < 0 for v in d)
+            cells.append(f"{mean:+.4g} [{lo:+.4g}, {hi:+.4g}], {wins}/{len(d)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(rows: list[dict], args: argparse.Namespace, base: dict[int, dict] | None = None) -> str:
     present = [m for m in METRICS if all(_key(m[0], "ebm") in r for r in rows)]
     head = ["seed", "log Z +- s.e. (method, ESS)"]
     for _, label, _ in present:
@@ -231,9 +319,11 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     for m, label, higher in present:
         d = [r[_key(m, "ebm")] - r[_key(m, "gaussian")] for r in rows]
         mean, sd, lo, hi = paired(d)
-        wins = sum((v > 0) == higher for v in d)
+        wins = sum(v > 0 if higher else v < 0 for v in d)
         lines.append(f"| {label} | {'higher' if higher else 'lower'} | {mean:+.4g} | {sd:.3g} | "
                      f"[{lo:+.4g}, {hi:+.4g}] | {wins}/{len(d)} |")  # fmt: skip
+    if base is not None:
+        lines += against_baseline(rows, base, args)
     return "\n".join(lines) + "\n"
 
 
@@ -242,10 +332,13 @@ def context(args: argparse.Namespace) -> dict:
     ``--out``), the features of the real test images in each feature space, and their labels."""
 
     n = args.classifier_size
+    name = f"classifier_{args.images}_n{n}.safetensors"
+    path = os.path.join(args.out, name)
+    if args.baseline and os.path.exists(os.path.join(args.baseline, name)):
+        path = os.path.join(args.baseline, name)  # the baseline's features, not a retrained twin
     classifier = metrics.ClassifierFeatures(
-        load_images(args.images, "train")[:n], load_labels(args.images, "train")[:n],
-        os.path.join(args.out, f"classifier_{args.images}_n{n}.safetensors"),
-    )  # fmt: skip
+        load_images(args.images, "train")[:n], load_labels(args.images, "train")[:n], path
+    )
     real = load_images(args.images, "test")
     features = {"cls": (classifier, classifier(real))}
     if args.inception:
@@ -264,24 +357,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     rows_path = os.path.join(args.out, "rows.jsonl")
-    rows = []
-    if os.path.exists(rows_path):
-        with open(rows_path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_rows(args.out)
+    base = check_baseline(args) if args.baseline else None
     done = {r["seed"] for r in rows}
-    todo = [(seed, prior) for seed, prior in zip(args.seeds, args.priors) if seed not in done]
+    todo = [t for t in zip(args.seeds, args.priors, args.checkpoints) if t[0] not in done]
     if todo:  # the feature networks and the real images' features only when a seed is left
-        backbone = load_backbone(args.backbone, args.checkpoint, args.nvae_root)
-        test = test_images(backbone, args.test_file, args.images, args.test_size)
         ctx = context(args)
-    for seed, prior_dir in todo:
+    loaded = None  # the checkpoint of the backbone in hand
+    for seed, prior_dir, checkpoint in todo:
+        if checkpoint != loaded:
+            backbone = load_backbone(args.backbone, checkpoint, args.nvae_root)
+            test = test_images(backbone, args.test_file, args.images, args.test_size)
+            loaded = checkpoint
         row = evaluate(backbone, prior_dir, seed, test, ctx, args)
         rows.append(row)
         with open(rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("fid_")}), flush=True)
     rows.sort(key=lambda r: r["seed"])
-    text = report(rows, args)
+    text = report(rows, args, base)
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

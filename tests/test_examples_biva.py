@@ -151,6 +151,31 @@ def test_backbone_priors_benchmark_pairs_seeds_and_resumes(mnist_biva, tmp_path,
             mp.setattr(backbone_priors, name, lambda *a, **k: pytest.fail("loaded again"))
         again = backbone_priors.main(argv)
     assert again == rows and '"seed"' not in capsys.readouterr().out  # nothing recomputed
+    # --baseline: the same checkpoint named once per prior and the first run as the baseline;
+    # its Gaussian rows come back exactly (same classifier, draws and test images), so the
+    # "Gaussian minus baseline" column is 0 and "EBM minus baseline" is the first run's EBM gain
+    paired_argv = [*argv[:3], f"{root / 'session'},{root / 'session'}", *argv[4:-1],
+                   str(tmp_path / "vs"), "--baseline", str(tmp_path)]  # fmt: skip
+    vs = backbone_priors.main(paired_argv)
+    assert not list((tmp_path / "vs").glob("classifier_*"))  # the baseline's classifier is used
+    for a, b in zip(vs, rows):
+        assert a["kid_cls_gaussian"] == b["kid_cls_gaussian"]
+        assert a["ll_gaussian"] == b["ll_gaussian"] and a["ll_ebm"] == b["ll_ebm"]
+    text = (tmp_path / "vs" / "results.md").read_text()
+    d = [r["kid_cls_ebm"] - r["kid_cls_gaussian"] for r in rows]
+    after = text.split("Against the baseline's Gaussian prior")[1].splitlines()
+    line = next(li for li in after if li.startswith("| KID cls | lower | "))
+    assert line.split(" | ")[3] == "+0 [+0, +0], 0/2"  # a tie favours neither prior
+    assert line.split(" | ")[4].startswith(f"{sum(d) / 2:+.4g} [")
+    with pytest.raises(SystemExit, match="rows are not paired"):  # other settings: refused
+        backbone_priors.main([*paired_argv[:-3], str(tmp_path / "vs2"), "--baseline",
+                              str(tmp_path), "--samples", "20", "--fid-ns", "10,20"])  # fmt: skip
+    with pytest.raises(SystemExit, match=r"has no row for seed\(s\) \[5\]"):
+        backbone_priors.main([*paired_argv, "--seeds", "0,5"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        backbone_priors.main([*argv[:3], "a,b,c", *argv[4:]])
+    assert "2 priors but 3 checkpoints" in capsys.readouterr().err
     other = JointEBMPrior([(3,)], nef=4, backbone={"adapter": "biva", "latent_shapes": [[3]]})
     other.save_pretrained(tmp_path / "other")
     wrong = "the prior has 1 latent groups, the backbone has"
