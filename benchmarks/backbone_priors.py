@@ -238,6 +238,12 @@ def _favours(difference: float, higher: bool) -> bool:
     return difference > 0 if higher else difference < 0
 
 
+def _summary(d: list[float], higher: bool) -> tuple[float, float, float, float, int]:
+    r"""Paired differences over seeds: mean, s.d., 95% t interval, seeds favouring the prior."""
+
+    return (*paired(d), sum(_favours(v, higher) for v in d))
+
+
 def settings(args: argparse.Namespace) -> dict:
     r"""What makes two runs' rows of one seed paired: the same test images, posterior draws,
     base draws, chain and FID sample sizes."""
@@ -250,6 +256,8 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 def read_rows(out: str) -> list[dict]:
+    r"""The rows already in ``<out>/rows.jsonl``, one per scored seed (none if it is absent)."""
+
     path = os.path.join(out, "rows.jsonl")
     if not os.path.exists(path):
         return []
@@ -280,7 +288,7 @@ def against_baseline(
     rows: list[dict], by_seed: dict[int, dict], args: argparse.Namespace
 ) -> list[str]:
     r"""Report lines: this run's Gaussian and EBM rows minus the baseline run's Gaussian row of
-    the same seed (mean, 95% t interval over seeds, seeds better). After ``finetune-nvae
+    the same seed (mean, s.d., 95% t interval over seeds, seeds better). After ``finetune-nvae
     --joint-prior`` this run's Gaussian prior is the fine-tuned :math:`p_b` and its EBM prior
     :math:`p_b e^{f_a} / Z`; the baseline's is the original prior."""
 
@@ -288,17 +296,16 @@ def against_baseline(
     present = [m for m in METRICS if all(_key(m[0], "ebm") in r and _key(m[0], "gaussian")
                                          in b for r, b in pairs)]  # fmt: skip
     lines = ["", f"Against the baseline's Gaussian prior (`{args.baseline}`), same seed: this "
-             "run's Gaussian prior and EBM prior minus it (mean [95% t interval], seeds better):",
-             "", "| metric | better | baseline Gaussian | Gaussian minus baseline | EBM minus "
-             "baseline |", "|---|---|---|---|---|"]  # fmt: skip
+             "run's Gaussian prior and EBM prior minus it (mean ± s.d. [95% t interval], seeds "
+             "better):", "", "| metric | better | baseline Gaussian | Gaussian minus baseline "
+             "| EBM minus baseline |", "|---|---|---|---|---|"]  # fmt: skip
     for m, label, higher in present:
         ref = [b[_key(m, "gaussian")] for _, b in pairs]
         cells = [label, "higher" if higher else "lower", f"{sum(ref) / len(ref):.4g}"]
         for prior in ("gaussian", "ebm"):
             d = [r[_key(m, prior)] - b[_key(m, "gaussian")] for r, b in pairs]
-            mean, _, lo, hi = paired(d)
-            wins = sum(_favours(v, higher) for v in d)
-            cells.append(f"{mean:+.4g} [{lo:+.4g}, {hi:+.4g}], {wins}/{len(d)}")
+            mean, sd, lo, hi, wins = _summary(d, higher)
+            cells.append(f"{mean:+.4g} ± {sd:.3g} [{lo:+.4g}, {hi:+.4g}], {wins}/{len(d)}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -327,8 +334,7 @@ def report(rows: list[dict], args: argparse.Namespace, base: dict[int, dict] | N
               "seeds favouring the EBM |", "|---|---|---|---|---|---|"]  # fmt: skip
     for m, label, higher in present:
         d = [r[_key(m, "ebm")] - r[_key(m, "gaussian")] for r in rows]
-        mean, sd, lo, hi = paired(d)
-        wins = sum(_favours(v, higher) for v in d)
+        mean, sd, lo, hi, wins = _summary(d, higher)
         lines.append(f"| {label} | {'higher' if higher else 'lower'} | {mean:+.4g} | {sd:.3g} | "
                      f"[{lo:+.4g}, {hi:+.4g}] | {wins}/{len(d)} |")  # fmt: skip
     if base is not None:

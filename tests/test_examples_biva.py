@@ -165,8 +165,8 @@ def test_backbone_priors_benchmark_pairs_seeds_and_resumes(mnist_biva, tmp_path,
     d = [r["kid_cls_ebm"] - r["kid_cls_gaussian"] for r in rows]
     after = text.split("Against the baseline's Gaussian prior")[1].splitlines()
     line = next(li for li in after if li.startswith("| KID cls | lower | "))
-    assert line.split(" | ")[3] == "+0 [+0, +0], 0/2"  # a tie favours neither prior
-    assert line.split(" | ")[4].startswith(f"{sum(d) / 2:+.4g} [")
+    assert line.split(" | ")[3] == "+0 ± 0 [+0, +0], 0/2"  # a tie favours neither prior
+    assert line.split(" | ")[4].startswith(f"{sum(d) / 2:+.4g} ± ")
     with pytest.raises(SystemExit, match="rows are not paired"):  # other settings: refused
         backbone_priors.main([*paired_argv[:-3], str(tmp_path / "vs2"), "--baseline",
                               str(tmp_path), "--samples", "20", "--fid-ns", "10,20"])  # fmt: skip
