@@ -238,10 +238,13 @@ def _favours(difference: float, higher: bool) -> bool:
     return difference > 0 if higher else difference < 0
 
 
-def _summary(d: list[float], higher: bool) -> tuple[float, float, float, float, int]:
-    r"""Paired differences over seeds: mean, s.d., 95% t interval, seeds favouring the prior."""
+def _summary(d: list[float], higher: bool) -> tuple[str, str, str, str]:
+    r"""Paired differences over seeds, formatted: mean, s.d., 95% t interval and the seeds
+    favouring the prior (``k/n``); the s.d. and interval are ``-`` for a single seed."""
 
-    return (*paired(d), sum(_favours(v, higher) for v in d))
+    mean, sd, lo, hi = paired(d)
+    spread = (f"{sd:.3g}", f"[{lo:+.4g}, {hi:+.4g}]") if len(d) > 1 else ("-", "-")
+    return f"{mean:+.4g}", *spread, f"{sum(_favours(v, higher) for v in d)}/{len(d)}"
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -304,8 +307,8 @@ def against_baseline(
         cells = [label, "higher" if higher else "lower", f"{sum(ref) / len(ref):.4g}"]
         for prior in ("gaussian", "ebm"):
             d = [r[_key(m, prior)] - b[_key(m, "gaussian")] for r, b in pairs]
-            mean, sd, lo, hi, wins = _summary(d, higher)
-            cells.append(f"{mean:+.4g} ± {sd:.3g} [{lo:+.4g}, {hi:+.4g}], {wins}/{len(d)}")
+            mean, sd, interval, wins = _summary(d, higher)
+            cells.append(f"{mean} ± {sd} {interval}, {wins}" if len(d) > 1 else f"{mean}, {wins}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -334,9 +337,8 @@ def report(rows: list[dict], args: argparse.Namespace, base: dict[int, dict] | N
               "seeds favouring the EBM |", "|---|---|---|---|---|---|"]  # fmt: skip
     for m, label, higher in present:
         d = [r[_key(m, "ebm")] - r[_key(m, "gaussian")] for r in rows]
-        mean, sd, lo, hi, wins = _summary(d, higher)
-        lines.append(f"| {label} | {'higher' if higher else 'lower'} | {mean:+.4g} | {sd:.3g} | "
-                     f"[{lo:+.4g}, {hi:+.4g}] | {wins}/{len(d)} |")  # fmt: skip
+        cells = [label, "higher" if higher else "lower", *_summary(d, higher)]
+        lines.append("| " + " | ".join(cells) + " |")
     if base is not None:
         lines += against_baseline(rows, base, args)
     return "\n".join(lines) + "\n"

@@ -167,6 +167,14 @@ def test_backbone_priors_benchmark_pairs_seeds_and_resumes(mnist_biva, tmp_path,
     line = next(li for li in after if li.startswith("| KID cls | lower | "))
     assert line.split(" | ")[3] == "+0 ± 0 [+0, +0], 0/2"  # a tie favours neither prior
     assert line.split(" | ")[4].startswith(f"{sum(d) / 2:+.4g} ± ")
+    one = tmp_path / "one"  # a single seed (its row read back): no s.d. or interval, not nan
+    one.mkdir()
+    (one / "rows.jsonl").write_text((tmp_path / "vs" / "rows.jsonl").read_text().splitlines()[0])
+    backbone_priors.main([*argv[:-1], str(one), "--priors", priors[0], "--seeds", "0",
+                          "--baseline", str(tmp_path)])  # fmt: skip
+    text = (one / "results.md").read_text()
+    assert "nan" not in text and f"| KID cls | lower | {d[0]:+.4g} | - | - | " in text
+    assert f"| {d[0]:+.4g}, " in text  # the baseline table: the one difference and its count
     with pytest.raises(SystemExit, match="rows are not paired"):  # other settings: refused
         backbone_priors.main([*paired_argv[:-3], str(tmp_path / "vs2"), "--baseline",
                               str(tmp_path), "--samples", "20", "--fid-ns", "10,20"])  # fmt: skip
