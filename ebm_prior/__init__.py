@@ -46,6 +46,7 @@ from .sample import (
     LangevinDivergenceError,
     LangevinResult,
     PosteriorLangevin,
+    ula_gaussian_bias,
 )
 from .trainer import Trainer, TrainingDivergenceError, TwoStageTrainer
 
@@ -97,6 +98,7 @@ __all__ = [
     "MLPEnergy",
     "Posterior",
     "PosteriorLangevin",
+    "ula_gaussian_bias",
     "Trainer",
     "TrainingDivergenceError",
     "TwoStageTrainer",

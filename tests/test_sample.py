@@ -26,6 +26,7 @@ from ebm_prior import (
     Langevin,
     LangevinDivergenceError,
     PosteriorLangevin,
+    ula_gaussian_bias,
 )
 
 ALPHA = 1e-4  # tiny alpha: a correct sampler fails one KS test in 10,000
@@ -109,6 +110,37 @@ def test_ula_eps_space_linear_gaussian_closed_form():
     # the same test rejects the exact law (ULA's bias) and the delta = s convention
     assert min(pvalues(np.linalg.inv(prec))) < 1e-6
     assert min(pvalues(lyapunov(np.eye(4) - 0.5 * s * prec, s * np.eye(4)))) < 1e-6
+
+
+@pytest.mark.parametrize("s, steps", [(0.5, 10), (0.3, 20), (0.4, None)])
+def test_ula_gaussian_bias_is_the_chains_law_from_the_base(s, steps):
+    r"""From :math:`\mathcal{N}(0, I)` on :math:`\log \pi = -\lVert x\rVert^2/2`, ULA's state
+    after :math:`T` steps is :math:`\mathcal{N}(0, v_T)` with the :func:`ula_gaussian_bias`
+    variance, so its mean log-density is that many nats (per :math:`D`) below the base's; MALA's
+    stays the base law."""
+
+    d, n = 16, 50_000
+    bias = ula_gaussian_bias(d, s, steps)
+    v = 1 + 2 * bias / d
+    x0 = torch.randn(n, d, generator=_gen(5), dtype=torch.float64)
+
+    def run(mala):
+        sampler = Langevin(lambda x: -0.5 * x[0].pow(2).sum(1), step_size=s, mala=mala,
+                           steps=400 if steps is None else steps, generator=_gen(6))  # fmt: skip
+        return sampler([x0]).x[0]
+
+    x = run(False)
+    assert stats.kstest(x[:, 0].numpy(), stats.norm(scale=np.sqrt(v)).cdf).pvalue > ALPHA
+    r2 = x.pow(2).sum(1)
+    assert stats.kstest(r2.numpy(), stats.chi2(d).cdf).pvalue < 1e-6  # the bias is real
+    # sum_j x_j^2 / v ~ chi2(d): the log-density gap is the returned nats, to a 5-s.e. margin
+    assert stats.kstest((r2 / v).numpy(), stats.chi2(d).cdf).pvalue > ALPHA
+    gap = 0.5 * (r2.mean().item() - d)
+    assert abs(gap - bias) < 5 * (d / 2) ** 0.5 * v / n**0.5
+    y = run(True)  # MALA: no bias at the same step size
+    assert stats.kstest((y.pow(2).sum(1)).numpy(), stats.chi2(d).cdf).pvalue > ALPHA
+    with pytest.raises(ValueError, match=r"in \(0, 2\)"):
+        ula_gaussian_bias(d, 2.0, 5)
 
 
 # -- MALA is exact --

@@ -3,6 +3,7 @@ checkpoints, errors."""
 
 import inspect
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from ebm_prior import (
     joint_loss,
     mle_loss,
     sample_posterior,
+    ula_gaussian_bias,
 )
 from ebm_prior import trainer as trainer_module
 
@@ -239,6 +241,36 @@ def test_two_stage_trainer_is_the_two_stage_regime():
     a.fit(2)
     b.fit(2)
     assert_same(trained(a), trained(b))
+
+
+@pytest.mark.parametrize("regime", ["mle", "joint", "two_stage"])
+def test_eq6_from_a_biased_chain_warns(regime):
+    """Learning the backbone prior from unadjusted negatives whose own bias exceeds 0.1 nats
+    warns with the bias and the fix; MALA, a small step or no backbone prior does not."""
+
+    torch.manual_seed(0)
+    vae = HierarchicalVAE.from_config("digits")
+    prior = JointEBMPrior(vae.latent_shapes, nef=8)
+    x = torch.zeros(8, 1, 8, 8)
+    dim = sum(math.prod(s) for s in vae.latent_shapes)
+
+    def make(**kw):
+        return Trainer(prior, vae, x, regime=regime, batch_size=8, langevin_steps=20, **kw)
+
+    b = dict(backbone_prior_params=vae.prior_nets.parameters())
+    bias = ula_gaussian_bias(dim, 0.6, 20)
+    assert bias > 0.1
+    with pytest.warns(UserWarning, match=rf"{dim} latent dimensions.* {bias:.2g} nats.*--mala"):
+        make(step_size=0.6, **b)
+    assert ula_gaussian_bias(dim, 0.05, 20) <= 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make(step_size=0.6, mala=True, **b)
+        make(step_size=0.05, **b)
+        make(
+            step_size=0.6,
+            **({} if regime == "two_stage" else {"generator_params": vae.decoder.parameters()}),
+        )
 
 
 def test_regime_defaults_are_the_documented_ones():
