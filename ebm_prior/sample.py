@@ -405,7 +405,7 @@ def ula_gaussian_bias(dim: int, step_size: float, steps: int | None = None) -> f
     Arguments:
         dim: The total latent dimension :math:`D`.
         step_size: The step size :math:`s` (the noise standard deviation), in :math:`(0, 2)`.
-        steps: :math:`T`, or ``None`` for the stationary law (persistent chains).
+        steps: :math:`T`, or ``None`` for the stationary law (a chain run to convergence).
 
     Example:
         >>> round(ula_gaussian_bias(9216, 0.3, 20), 1)  # NVAE on 32x32, s = 0.3, 20 steps

@@ -257,7 +257,7 @@ def test_eq6_from_a_biased_chain_warns(regime):
     def make(**kw):
         return Trainer(prior, vae, x, regime=regime, batch_size=8, langevin_steps=20, **kw)
 
-    b = dict(backbone_prior_params=vae.prior_nets.parameters())
+    b = dict(backbone_prior_params=list(vae.prior_nets.parameters()))  # reused by every call
     bias = ula_gaussian_bias(dim, 0.6, 20)
     assert bias > 0.1
     with pytest.warns(UserWarning, match=rf"{dim} latent dimensions.* {bias:.2g} nats.*--mala"):
