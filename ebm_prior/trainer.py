@@ -162,7 +162,7 @@ def _warn_chain_bias(backbone: Backbone, step_size: float, steps: int, **_: Any)
     warnings.warn(
         f"the backbone prior is learned (Eq. 6) from unadjusted Langevin negatives ({steps} "
         f"steps of s = {step_size} over {dim} latent dimensions) whose discretisation alone puts "
-        f"them {bias:.2g} nats below the base prior: Eq. 6 will shrink the prior's scales to "
+        f"them {bias:.2f} nats below the base prior: Eq. 6 will shrink the prior's scales to "
         "close that gap, whatever the data. Use mala=True (--mala), or a smaller step size",
         UserWarning,
         stacklevel=3,

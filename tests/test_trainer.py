@@ -260,7 +260,7 @@ def test_eq6_from_a_biased_chain_warns(regime):
     b = dict(backbone_prior_params=list(vae.prior_nets.parameters()))  # reused by every call
     bias = ula_gaussian_bias(dim, 0.6, 20)
     assert bias > 0.1
-    with pytest.warns(UserWarning, match=rf"{dim} latent dimensions.* {bias:.2g} nats.*--mala"):
+    with pytest.warns(UserWarning, match=rf"{dim} latent dimensions.* {bias:.2f} nats.*--mala"):
         make(step_size=0.6, **b)
     assert ula_gaussian_bias(dim, 0.05, 20) <= 0.1
     with warnings.catch_warnings():
