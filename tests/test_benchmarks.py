@@ -50,7 +50,7 @@ def test_claim1_tiny_every_model_resumes_and_pairs(tmp_path, capsys):
     # the same base draws for every model of a seed, different ones across seeds
     gauss = [r for r in out["rows"] if r["model"] == "gaussian_mle"]
     assert gauss[0]["kid_cls"] != gauss[1]["kid_cls"]
-    for m, g in claim1.PAIRED.items():
+    for m, g in claim1.COMPARED:
         assert f"| {m} - {g} | 2 |" in out["tables"]
     again = claim1.main(argv)
     assert again["rows"] == []
