@@ -35,10 +35,14 @@ Each (model, seed) row is appended to ``<out>/<dataset>/claim1.jsonl`` as soon a
 measured (rows already there are not measured again). ``--report`` prints the tables (mean,
 std over seeds; the paired differences to the Gaussian model of the same regime and seed, and
 of the two-stage to the joint EBM prior, with a 95% t interval) and writes them to
-``<out>/claim1.md``::
+``<out>/claim1.md``. ``--likelihood`` also measures the variational models' test
+log-likelihood (:func:`run_likelihood`; rows in ``<out>/<dataset>/likelihood.jsonl``, reported in
+their own tables)::
 
     python benchmarks/claim1.py --dataset mnist --seeds 0,1,2,3 --epochs 4 --threads 1
     python benchmarks/claim1.py --dataset fashion-mnist --models gaussian_vae,ebm_joint
+    python benchmarks/claim1.py --dataset mnist --models gaussian_vae,ebm_joint,ebm_two_stage \
+        --seeds 0 --likelihood
     python benchmarks/claim1.py --report --out runs/claim1
     python benchmarks/claim1.py --tiny --out /some/dir          # smoke run (tests)
 """
@@ -103,6 +107,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--real", type=int, default=2000, help="real test images (reference set)")
     e.add_argument("--classifier-epochs", type=int, default=5)
     e.add_argument(
+        "--likelihood",
+        action="store_true",
+        help="also the test log-likelihood of the variational models",
+    )
+    e.add_argument("--ll-images", type=int, help="test images it averages over (default: all)")
+    e.add_argument("--iw-samples", type=int, default=50, help="importance samples per image")
+    e.add_argument(
+        "--log-z-samples",
+        type=int,
+        default=20_000,
+        help="base-prior samples of log Z's importance sampling (AIS below ESS 100)",
+    )
+    e.add_argument(
         "--inception",
         choices=("auto", "yes", "no"),
         default="auto",
@@ -113,6 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.epochs, args.train_size, args.hidden, args.nef = 1, 200, 32, 16
         args.fid_ns, args.real, args.classifier_epochs = "16,32", 32, 1
         args.checkpoint_every = 1
+        args.iw_samples, args.log_z_samples = 4, 2_000
         if args.seeds == "0,1,2,3":
             args.seeds = "0,1"
         if args.dataset == "mnist":
@@ -262,6 +280,7 @@ class Context:
         os.makedirs(self.dir, exist_ok=True)
         d = load_data(args)
         self.x = d["train"] * 2 - 1
+        self.test = d["test"][: args.ll_images] * 2 - 1
         t0 = time.time()
         self.classifier = metrics.ClassifierFeatures(
             d["train"], d["train_y"],
@@ -282,6 +301,7 @@ class Context:
         print(f"[{args.dataset}] classifier accuracy {self.accuracy:.3f}; real features of "
               f"{len(real)} test images ({time.time() - t0:.0f} s)", flush=True)  # fmt: skip
         self.rows_path = os.path.join(self.dir, "claim1.jsonl")
+        self.ll_path = os.path.join(self.dir, "likelihood.jsonl")
 
     def inception(self, x: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "_inception"):
@@ -331,6 +351,49 @@ def run(ctx: Context) -> list[dict]:
             print(f"  {model} seed {seed}: {shown}", flush=True)
             if seed == a.seeds[0]:
                 _grid(x[:64], os.path.join(ctx.dir, f"samples_{model}.png"), model)
+    if a.likelihood:
+        rows += run_likelihood(ctx)
+    return rows
+
+
+def run_likelihood(ctx: Context) -> list[dict]:
+    r"""Test log-likelihood rows of the variational models (the MLE models have no encoder to
+    propose from), appended to ``likelihood.jsonl``.
+
+    :func:`metrics.test_log_likelihood`: the ELBO and the importance-weighted estimate
+
+    .. math:: \hat\ell(x) = \log \frac1K \sum_{k=1}^K
+              \frac{p(x \mid z_k)\, e^{f_a(z_k)}\, p_b(z_k)}{q(z_k \mid x)} - \log \hat Z,
+              \quad z_k \sim q(z \mid x),
+
+    nats per image (a density of images in [-1, 1]), with :math:`f = 0, Z = 1` for the Gaussian
+    prior and :math:`\log \hat Z` by importance sampling, or AIS where its ESS is below 100.
+    Every model of a seed draws the same :math:`z_k` noise, so ``ebm_two_stage`` and
+    ``gaussian_vae`` (the same frozen backbone) are scored on the same posterior samples.
+    """
+
+    a, rows = ctx.args, []
+    done = {(r["model"], r["seed"]) for r in read_rows(ctx.ll_path) if r["epochs"] == a.epochs}
+    for seed in a.seeds:
+        for model in a.models:
+            if model.endswith("_mle"):
+                print(f"  {model} seed {seed}: no encoder, no test likelihood", flush=True)
+                continue
+            if (model, seed) in done:
+                print(f"  {model} seed {seed}: likelihood measured already", flush=True)
+                continue
+            vae, prior, _ = train(model, seed, ctx.x, a, os.path.join(ctx.dir, "models"))
+            t0 = time.time()
+            ll = metrics.test_log_likelihood(vae, ctx.test, prior, a.iw_samples,
+                                             a.log_z_samples, seed=seed)  # fmt: skip
+            row = {"dataset": a.dataset, "model": model, "seed": seed, "epochs": a.epochs,
+                   "test_images": len(ctx.test), "iw_samples": a.iw_samples, **ll,
+                   "ll_s": time.time() - t0}  # fmt: skip
+            rows.append(row)
+            append_row(ctx.ll_path, row)
+            z = "" if prior is None else f", log Z {ll['log_z']:.3f} ({ll['log_z_method']})"
+            print(f"  {model} seed {seed}: test log p(x) {ll['iw']:.2f} "
+                  f"(ELBO {ll['elbo']:.2f}{z})", flush=True)  # fmt: skip
     return rows
 
 
@@ -401,11 +464,64 @@ def _ms(v: Sequence[float], fmt: str) -> str:
     return f"{format(float(np.mean(v)), fmt)} +- {format(float(np.std(v, ddof=1)), fmt)}"
 
 
+def likelihood_tables(rows: list[dict]) -> str:
+    r"""Tables of the test log-likelihood rows: per model, mean +- std over seeds; then the
+    paired differences of :data:`COMPARED` (positive favours the first model)."""
+
+    lines = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        rs = [r for r in rows if r["dataset"] == dataset]
+        for epochs in sorted({r["epochs"] for r in rs}):
+            sub = [r for r in rs if r["epochs"] == epochs]
+            by = {m: {r["seed"]: r for r in sub if r["model"] == m} for m in MODELS}
+            n_img, k = sub[0]["test_images"], sub[0]["iw_samples"]
+            lines += [f"\n{dataset}, {epochs} epochs: test log-likelihood, nats per image "
+                      f"({n_img} test images, K = {k}; mean +- std over seeds)\n",
+                      "| model | n | log p(x) (IW) | ELBO | log Z | s.e. of log Z | ESS "
+                      "| method |",
+                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for m, got in by.items():
+                if not got:
+                    continue
+                rr = list(got.values())
+                cells = [m, str(len(rr)), _ms([r["iw"] for r in rr], ".2f"),
+                         _ms([r["elbo"] for r in rr], ".2f")]  # fmt: skip
+                if "log_z" in rr[0]:
+                    cells += [_ms([r["log_z"] for r in rr], ".3f"),
+                              _ms([r["log_z_se"] for r in rr], ".3f"),
+                              _ms([r["log_z_ess"] for r in rr], ".0f"),
+                              "/".join(sorted({r["log_z_method"] for r in rr}))]  # fmt: skip
+                else:
+                    cells += ["0 (exact)", "-", "-", "-"]
+                lines.append("| " + " | ".join(cells) + " |")
+            pairs = [(m, g) for m, g in COMPARED if by[m] and by[g]]
+            if pairs:
+                lines += [
+                    "\nPaired difference of the same seed, first model minus second "
+                    "(mean, std, 95% t interval; positive favours the first)\n",
+                    "| difference | n | log p(x) (IW) | ELBO |",
+                    "|---|---|---|---|",
+                ]
+                for m, g in pairs:
+                    common = sorted(set(by[m]) & set(by[g]))
+                    cells = [f"{m} - {g}", str(len(common))]
+                    for c in ("iw", "elbo"):
+                        mean, sd, lo, hi = paired_interval([by[m][s][c] - by[g][s][c]
+                                                            for s in common])  # fmt: skip
+                        cells.append(f"{mean:.2f} +- {sd:.2f} [{lo:.2f}, {hi:.2f}]")
+                    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(out: str) -> str:
-    rows = []
+    rows, ll_rows = [], []
     for path in sorted(glob.glob(os.path.join(out, "*", "claim1.jsonl"))):
         rows += read_rows(path)
+    for path in sorted(glob.glob(os.path.join(out, "*", "likelihood.jsonl"))):
+        ll_rows += read_rows(path)
     text = tables(rows)
+    if ll_rows:
+        text += "\n" + likelihood_tables(ll_rows)
     with open(os.path.join(out, "claim1.md"), "w") as f:
         f.write(text + "\n")
     print(text)

@@ -58,6 +58,23 @@ def test_claim1_tiny_every_model_resumes_and_pairs(tmp_path, capsys):
     assert len(lines) == 2 * len(claim1.MODELS)
     assert json.loads(lines[0])["epochs"] == 1
     assert "measured already" in capsys.readouterr().out
+    # --likelihood: the variational models' test log-likelihood, from the finished checkpoints
+    ll = claim1.main([*argv, "--likelihood"])
+    variational = [m for m in claim1.MODELS if not m.endswith("_mle")]
+    assert {(r["model"], r["seed"]) for r in ll["rows"]} == {
+        (m, s) for m in variational for s in (0, 1)
+    }
+    for r in ll["rows"]:
+        assert r["test_images"] == 297 and r["iw_samples"] == 4
+        assert r["iw"] == r["iw"] and r["elbo"] == r["elbo"]  # finite
+        assert ("log_z" in r) == r["model"].startswith("ebm")
+        if "log_z" in r:
+            assert r["log_z_method"] in ("is", "ais") and r["log_z_se"] >= 0
+    assert "no encoder, no test likelihood" in capsys.readouterr().out
+    assert "test log-likelihood, nats per image (297 test images, K = 4" in ll["tables"]
+    assert "| ebm_two_stage - gaussian_vae | 2 |" in ll["tables"].split("test log-likelihood")[1]
+    assert claim1.main([*argv, "--likelihood"])["rows"] == []
+    assert "likelihood measured already" in capsys.readouterr().out
 
 
 def test_fid_infinity_is_the_intercept_in_one_over_n():

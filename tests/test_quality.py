@@ -190,6 +190,15 @@ def test_test_log_likelihood_normalises_the_ebm_prior():
     shifted = metrics.test_log_likelihood(vae, x, prior, num_samples=4, log_z_samples=500)
     assert shifted["log_z"] == pytest.approx(ebm["log_z"] + 3.0 * len(prior.nets), abs=1e-4)
     assert shifted["iw"] == pytest.approx(ebm["iw"], abs=1e-4)
+    # a zero energy (Z = 1) gives the Gaussian prior's numbers: the same posterior draws
+    with torch.no_grad():
+        for net in prior.nets:
+            net.net[-1].weight.zero_()
+            net.net[-1].bias.zero_()
+    zero = metrics.test_log_likelihood(vae, x, prior, num_samples=4, log_z_samples=500)
+    assert zero["log_z"] == pytest.approx(0.0, abs=1e-6) and zero["log_z_method"] == "is"
+    assert zero["iw"] == pytest.approx(gauss["iw"], abs=1e-5)
+    assert zero["elbo"] == pytest.approx(gauss["elbo"], abs=1e-5)
 
 
 def test_classifier_features_cache(tmp_path):
