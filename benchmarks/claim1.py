@@ -13,7 +13,10 @@ trained on the same data in the same order by :class:`ebm_prior.Trainer`:
   backbone's own ELBO);
 * ``ebm_joint``: the joint EBM prior, variational joint learning (``regime="joint"``);
 * ``ebm_two_stage``: the joint EBM prior fitted on the frozen ``gaussian_vae``
-  (``regime="two_stage"``).
+  (``regime="two_stage"``);
+* ``ebm_mle_mala``, ``ebm_joint_mala``: ``ebm_mle`` and ``ebm_joint`` with Metropolis-adjusted
+  negatives (``mala=True``, the same steps and step size), whose Eq. 6 does not learn the
+  unadjusted chain's own bias (:func:`ebm_prior.ula_gaussian_bias`); sampled with MALA too.
 
 Each model trains in its own folder (``<out>/<dataset>/models/<model>_seed<s>``) through the
 trainer's checkpoints: a stopped run resumes where it stopped, and a larger ``--epochs``
@@ -71,12 +74,15 @@ if __package__:  # imported as benchmarks.claim1 (the tests, python -m benchmark
 else:  # run as a script: Python puts the script's folder on the path
     import metrics
 
-MODELS = ("gaussian_mle", "ebm_mle", "gaussian_vae", "ebm_joint", "ebm_two_stage")
+MODELS = ("gaussian_mle", "ebm_mle", "gaussian_vae", "ebm_joint", "ebm_two_stage",
+          "ebm_mle_mala", "ebm_joint_mala")  # fmt: skip
 #: The Gaussian model each model is paired with (same regime, or the frozen backbone).
-PAIRED = {"ebm_mle": "gaussian_mle", "ebm_joint": "gaussian_vae", "ebm_two_stage": "gaussian_vae"}
-#: The pairs the report compares: each EBM model with its Gaussian one, then the two EBM priors
-#: of the same variational backbone with each other.
-COMPARED = [*PAIRED.items(), ("ebm_two_stage", "ebm_joint")]
+PAIRED = {"ebm_mle": "gaussian_mle", "ebm_joint": "gaussian_vae", "ebm_two_stage": "gaussian_vae",
+          "ebm_mle_mala": "gaussian_mle", "ebm_joint_mala": "gaussian_vae"}  # fmt: skip
+#: The pairs the report compares: each EBM model with its Gaussian one, the two EBM priors of
+#: the same variational backbone with each other, and each MALA model with its ULA one.
+COMPARED = [*PAIRED.items(), ("ebm_two_stage", "ebm_joint"), ("ebm_mle_mala", "ebm_mle"),
+            ("ebm_joint_mala", "ebm_joint")]  # fmt: skip
 DATASETS = ("digits", "mnist", "fashion-mnist")
 
 
@@ -197,7 +203,9 @@ def trainer_for(model: str, vae, prior, x: torch.Tensor, args, seed: int, folder
     r"""The :class:`Trainer` of a model (the regime's defaults unless stated in the docstring)."""
 
     common = dict(batch_size=args.batch_size, seed=seed, checkpoint_dir=folder,
-                  checkpoint_every=args.checkpoint_every, progress=args.progress)  # fmt: skip
+                  checkpoint_every=args.checkpoint_every, progress=args.progress,
+                  mala=model.endswith("_mala"))  # fmt: skip
+    model = model.removesuffix("_mala")
     if args.tiny and model.endswith("mle"):
         common.update(langevin_steps=3, posterior_steps=3)
     elif args.tiny and model == "ebm_joint":
@@ -248,7 +256,9 @@ def train(
         stats["posterior_steps"] = trainer.posterior_kwargs["steps"]
         stats["posterior_step_size"] = trainer.posterior_kwargs["step_size"]
     if prior is not None:
-        prior.sampler_config = {k: trainer.sampler_kwargs[k] for k in ("step_size", "steps")}
+        keys = ("step_size", "steps", "mala")
+        prior.sampler_config = {k: trainer.sampler_kwargs[k] for k in keys}
+        stats["mala"] = trainer.sampler_kwargs["mala"]
     return vae, prior, stats
 
 
@@ -376,7 +386,7 @@ def run_likelihood(ctx: Context) -> list[dict]:
     done = {(r["model"], r["seed"]) for r in read_rows(ctx.ll_path) if r["epochs"] == a.epochs}
     for seed in a.seeds:
         for model in a.models:
-            if model.endswith("_mle"):
+            if "_mle" in model:
                 print(f"  {model} seed {seed}: no encoder, no test likelihood", flush=True)
                 continue
             if (model, seed) in done:

@@ -45,6 +45,7 @@ def test_claim1_tiny_every_model_resumes_and_pairs(tmp_path, capsys):
     for r in out["rows"]:
         assert r["samples"] == 32 and r["fid_inf_cls"] == r["fid_inf_cls"]  # equal N, finite
         assert "fid_inf" not in r  # --tiny: no Inception
+        assert r.get("mala", False) == r["model"].endswith("_mala")
         assert (tmp_path / "digits" / "models" / f"{r['model']}_seed{r['seed']}" /
                 "trainer.pt").exists()  # fmt: skip
     # the same base draws for every model of a seed, different ones across seeds
@@ -60,7 +61,7 @@ def test_claim1_tiny_every_model_resumes_and_pairs(tmp_path, capsys):
     assert "measured already" in capsys.readouterr().out
     # --likelihood: the variational models' test log-likelihood, from the finished checkpoints
     ll = claim1.main([*argv, "--likelihood"])
-    variational = [m for m in claim1.MODELS if not m.endswith("_mle")]
+    variational = [m for m in claim1.MODELS if "_mle" not in m]
     assert {(r["model"], r["seed"]) for r in ll["rows"]} == {
         (m, s) for m in variational for s in (0, 1)
     }
