@@ -426,43 +426,60 @@ COLUMNS = [("kid_inception", "KID Inception x1e3", ".2f"), ("kid_cls", "KID cls 
            ("train_s", "train s", ".0f")]  # fmt: skip
 
 
-def tables(rows: list[dict]) -> str:
-    lines = []
+def _groups(rows: list[dict]):
+    r"""Yields ``(dataset, epochs, rows, by)`` per data set and epoch count, with ``by[model]``
+    mapping each seed to its row."""
+
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         rs = [r for r in rows if r["dataset"] == dataset]
         for epochs in sorted({r["epochs"] for r in rs}):
             sub = [r for r in rs if r["epochs"] == epochs]
-            by = {m: {r["seed"]: r for r in sub if r["model"] == m} for m in MODELS}
-            seeds = sorted({r["seed"] for r in sub})
-            lines += [f"\n{dataset}, {epochs} epochs (seeds {','.join(map(str, seeds))}; "
-                      "mean +- std over seeds)\n",
-                      "| model | n | " + " | ".join(c[1] for c in COLUMNS) + " |",
-                      "|" + "---|" * (len(COLUMNS) + 2)]  # fmt: skip
-            for m, got in by.items():
-                if got:
-                    cells = [m, str(len(got))]
-                    for c, _, f in COLUMNS:
-                        v = [r[c] for r in got.values() if r.get(c) is not None]
-                        cells.append(_ms(v, f))
-                    lines.append("| " + " | ".join(cells) + " |")
-            pairs = [(m, g) for m, g in COMPARED if by[m] and by[g]]
-            keys = [k for k in ("kid_inception", "kid_cls", "fid_inf", "fid_inf_cls")
-                    if any(k in r for r in sub)]  # fmt: skip
-            names = {c: n for c, n, _ in COLUMNS}
-            if pairs:
-                lines += ["\nPaired difference of the same seed, first model minus second (mean, "
-                          "std, 95% t interval; negative favours the first)\n",
-                          "| difference | n | " + " | ".join(names[k] for k in keys) + " |",
-                          "|---|---|" + "---|" * len(keys)]  # fmt: skip
-                for m, g in pairs:
-                    common = sorted(set(by[m]) & set(by[g]))
-                    cells = [f"{m} - {g}", str(len(common))]
-                    for c in keys:
-                        d = [by[m][s][c] - by[g][s][c] for s in common
-                             if c in by[m][s] and c in by[g][s]]  # fmt: skip
-                        mean, sd, lo, hi = paired_interval(d) if d else (float("nan"),) * 4
-                        cells.append(f"{mean:.2f} +- {sd:.2f} [{lo:.2f}, {hi:.2f}]")
-                    lines.append("| " + " | ".join(cells) + " |")
+            yield dataset, epochs, sub, {m: {r["seed"]: r for r in sub if r["model"] == m}
+                                         for m in MODELS}  # fmt: skip
+
+
+def _paired(by: dict, keys: Sequence[str], names: dict[str, str], favours: str) -> list[str]:
+    r"""The lines of the paired-difference table of :data:`COMPARED` over ``keys``: the same
+    seed, first model minus second (mean, std, 95% t interval); none without a pair."""
+
+    pairs = [(m, g) for m, g in COMPARED if by[m] and by[g]]
+    if not pairs:
+        return []
+    lines = ["\nPaired difference of the same seed, first model minus second (mean, "
+             f"std, 95% t interval; {favours} favours the first)\n",
+             "| difference | n | " + " | ".join(names[k] for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]  # fmt: skip
+    for m, g in pairs:
+        common = sorted(set(by[m]) & set(by[g]))
+        cells = [f"{m} - {g}", str(len(common))]
+        for c in keys:
+            d = [by[m][s][c] - by[g][s][c] for s in common
+                 if c in by[m][s] and c in by[g][s]]  # fmt: skip
+            mean, sd, lo, hi = paired_interval(d) if d else (float("nan"),) * 4
+            cells.append(f"{mean:.2f} +- {sd:.2f} [{lo:.2f}, {hi:.2f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def tables(rows: list[dict]) -> str:
+    lines = []
+    names = {c: n for c, n, _ in COLUMNS}
+    for dataset, epochs, sub, by in _groups(rows):
+        seeds = sorted({r["seed"] for r in sub})
+        lines += [f"\n{dataset}, {epochs} epochs (seeds {','.join(map(str, seeds))}; "
+                  "mean +- std over seeds)\n",
+                  "| model | n | " + " | ".join(c[1] for c in COLUMNS) + " |",
+                  "|" + "---|" * (len(COLUMNS) + 2)]  # fmt: skip
+        for m, got in by.items():
+            if got:
+                cells = [m, str(len(got))]
+                for c, _, f in COLUMNS:
+                    v = [r[c] for r in got.values() if r.get(c) is not None]
+                    cells.append(_ms(v, f))
+                lines.append("| " + " | ".join(cells) + " |")
+        keys = [k for k in ("kid_inception", "kid_cls", "fid_inf", "fid_inf_cls")
+                if any(k in r for r in sub)]  # fmt: skip
+        lines += _paired(by, keys, names, "negative")
     return "\n".join(lines)
 
 
@@ -479,47 +496,27 @@ def likelihood_tables(rows: list[dict]) -> str:
     paired differences of :data:`COMPARED` (positive favours the first model)."""
 
     lines = []
-    for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        rs = [r for r in rows if r["dataset"] == dataset]
-        for epochs in sorted({r["epochs"] for r in rs}):
-            sub = [r for r in rs if r["epochs"] == epochs]
-            by = {m: {r["seed"]: r for r in sub if r["model"] == m} for m in MODELS}
-            n_img, k = sub[0]["test_images"], sub[0]["iw_samples"]
-            lines += [f"\n{dataset}, {epochs} epochs: test log-likelihood, nats per image "
-                      f"({n_img} test images, K = {k}; mean +- std over seeds)\n",
-                      "| model | n | log p(x) (IW) | ELBO | log Z | s.e. of log Z | ESS "
-                      "| method |",
-                      "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-            for m, got in by.items():
-                if not got:
-                    continue
-                rr = list(got.values())
-                cells = [m, str(len(rr)), _ms([r["iw"] for r in rr], ".2f"),
-                         _ms([r["elbo"] for r in rr], ".2f")]  # fmt: skip
-                if "log_z" in rr[0]:
-                    cells += [_ms([r["log_z"] for r in rr], ".3f"),
-                              _ms([r["log_z_se"] for r in rr], ".3f"),
-                              _ms([r["log_z_ess"] for r in rr], ".0f"),
-                              "/".join(sorted({r["log_z_method"] for r in rr}))]  # fmt: skip
-                else:
-                    cells += ["0 (exact)", "-", "-", "-"]
-                lines.append("| " + " | ".join(cells) + " |")
-            pairs = [(m, g) for m, g in COMPARED if by[m] and by[g]]
-            if pairs:
-                lines += [
-                    "\nPaired difference of the same seed, first model minus second "
-                    "(mean, std, 95% t interval; positive favours the first)\n",
-                    "| difference | n | log p(x) (IW) | ELBO |",
-                    "|---|---|---|---|",
-                ]
-                for m, g in pairs:
-                    common = sorted(set(by[m]) & set(by[g]))
-                    cells = [f"{m} - {g}", str(len(common))]
-                    for c in ("iw", "elbo"):
-                        mean, sd, lo, hi = paired_interval([by[m][s][c] - by[g][s][c]
-                                                            for s in common])  # fmt: skip
-                        cells.append(f"{mean:.2f} +- {sd:.2f} [{lo:.2f}, {hi:.2f}]")
-                    lines.append("| " + " | ".join(cells) + " |")
+    for dataset, epochs, sub, by in _groups(rows):
+        n_img, k = sub[0]["test_images"], sub[0]["iw_samples"]
+        lines += [f"\n{dataset}, {epochs} epochs: test log-likelihood, nats per image "
+                  f"({n_img} test images, K = {k}; mean +- std over seeds)\n",
+                  "| model | n | log p(x) (IW) | ELBO | log Z | s.e. of log Z | ESS | method |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m, got in by.items():
+            if not got:
+                continue
+            rr = list(got.values())
+            cells = [m, str(len(rr)), _ms([r["iw"] for r in rr], ".2f"),
+                     _ms([r["elbo"] for r in rr], ".2f")]  # fmt: skip
+            if "log_z" in rr[0]:
+                cells += [_ms([r["log_z"] for r in rr], ".3f"),
+                          _ms([r["log_z_se"] for r in rr], ".3f"),
+                          _ms([r["log_z_ess"] for r in rr], ".0f"),
+                          "/".join(sorted({r["log_z_method"] for r in rr}))]  # fmt: skip
+            else:
+                cells += ["0 (exact)", "-", "-", "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += _paired(by, ("iw", "elbo"), {"iw": "log p(x) (IW)", "elbo": "ELBO"}, "positive")
     return "\n".join(lines)
 
 
