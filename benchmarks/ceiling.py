@@ -215,7 +215,10 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def report(out: str) -> str:
-    rows = claim1.read_rows(os.path.join(out, "ceiling.jsonl"))
+    path = os.path.join(out, "ceiling.jsonl")
+    rows = claim1.read_rows(path)
+    if not rows:
+        raise SystemExit(f"no rows in {path}: run the benchmark with --out {out} first")
     lines = ["| nef | seed | ceiling G (classifier) | accuracy | best two-stage G | at epoch | "
              "last epoch | last G | log Z (method, ESS) | f(z+) - f(z-) | KID cls x1e3 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -243,12 +246,56 @@ def report(out: str) -> str:
                 )
             else:
                 lines.append(f"| {nef} | {seed} | {c} | {a} | - | - | - | - | - | - | - |")
-    text = "\n".join(lines)
+    text = "\n".join(lines + _across_seeds(rows))
     with open(os.path.join(out, "ceiling.md"), "w") as f:
         f.write(text + "\n")
     _figure(rows, os.path.join(out, "ceiling.png"))
     print(text)
     return text
+
+
+def _across_seeds(rows: list[dict]) -> list[str]:
+    r"""Lines of the across-seed tables at the last epoch ``E`` any fit reached: per width, the
+    ceiling, the two-stage :math:`G` at ``E``, their ratio and gap (mean +- std over seeds [95% t
+    interval]); then the paired difference between consecutive widths, the same seed (the same
+    backbone and held-out posterior samples). Seeds whose fit has not reached ``E`` are left
+    out; nothing is printed with fewer than two seeds."""
+
+    fits = [r for r in rows if r["kind"] == "two_stage"]
+    if not fits:
+        return []
+    last = max(r["epoch"] for r in fits)
+    ceil = {(r["nef"], r["seed"]): r["gain"] for r in rows if r["kind"] == "ceiling"}
+    fit = {(r["nef"], r["seed"]): r["gain"] for r in fits if r["epoch"] == last}
+    nefs = sorted({n for n, _ in fit})
+    seeds = {n: sorted(s for m, s in fit if m == n and (n, s) in ceil) for n in nefs}
+    if max(len(s) for s in seeds.values()) < 2:
+        return []
+
+    def cell(values: list[float]) -> str:
+        m, sd, lo, hi = claim1.paired_interval(values)
+        return f"{m:.3f} +- {sd:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    lines = [f"\nAcross seeds, two-stage G at epoch {last} (mean +- std [95% t interval])\n",
+             "| nef | seeds | ceiling G | two-stage G | G / ceiling | ceiling - G |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for n in nefs:
+        c, g = [ceil[n, s] for s in seeds[n]], [fit[n, s] for s in seeds[n]]
+        lines.append(f"| {n} | {len(c)} | {cell(c)} | {cell(g)} | "
+                     f"{cell([b / a for a, b in zip(c, g)])} | "
+                     f"{cell([a - b for a, b in zip(c, g)])} |")  # fmt: skip
+    lines += ["\nPaired difference between widths, the same seed (wider minus narrower)\n",
+              "| widths | seeds | two-stage G | ceiling G | wider higher in |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for a, b in zip(nefs, nefs[1:]):
+        common = sorted(set(seeds[a]) & set(seeds[b]))
+        if len(common) < 2:
+            continue
+        d = [fit[b, s] - fit[a, s] for s in common]
+        dc = [ceil[b, s] - ceil[a, s] for s in common]
+        lines.append(f"| {b} - {a} | {len(common)} | {cell(d)} | {cell(dc)} | "
+                     f"{sum(x > 0 for x in d)}/{len(d)} |")  # fmt: skip
+    return lines
 
 
 def _figure(rows: list[dict], path: str) -> None:

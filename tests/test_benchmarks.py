@@ -178,6 +178,39 @@ def test_ceiling_tiny_and_the_gain_is_shift_invariant(tmp_path):
     assert ceiling.main(["--tiny", "--out", str(tmp_path)])["rows"] == []
 
 
+def test_ceiling_across_seeds_pairs_the_widths(tmp_path):
+    """The across-seed table pairs widths by seed at the last epoch reached, leaves out a fit
+    that has not reached it, and a folder without rows is refused with its path."""
+
+    import json
+
+    from benchmarks import ceiling
+
+    rows = [{"kind": "gaussian", "nef": 0, "seed": s, "epoch": 0, "gain": 0.0, "kid_cls": 1.0}
+            for s in range(3)]  # fmt: skip
+    for s, (c20, g20, c100, g100) in enumerate([(1.0, 0.5, 2.0, 1.5), (1.2, 0.7, 2.4, 1.4),
+                                                (1.1, 0.6, 2.2, 0.2)]):  # fmt: skip
+        for nef, c, g in ((20, c20, g20), (100, c100, g100)):
+            rows.append({"kind": "ceiling", "nef": nef, "seed": s, "epoch": 0, "gain": c,
+                         "accuracy": 0.8})  # fmt: skip
+            last = 4 if s < 2 or nef == 20 else 2  # seed 2 at nef 100 stopped early
+            for e in range(2, last + 1, 2):
+                rows.append({"kind": "two_stage", "nef": nef, "seed": s, "epoch": e,
+                             "gain": g * e / 4, "log_z": 0.0, "log_z_method": "is",
+                             "log_z_ess": 100.0, "f_gap": 0.0, "kid_cls": 1.0})  # fmt: skip
+    with open(tmp_path / "ceiling.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    text = ceiling.report(str(tmp_path))
+    assert "two-stage G at epoch 4" in text
+    assert "| 20 | 3 | 1.100 +- 0.100 " in text and "| 0.600 +- 0.100 " in text
+    assert "| 100 | 2 | 2.200 +- 0.283 " in text  # seed 2 has not reached epoch 4
+    # paired over seeds 0 and 1: G 1.0 and 0.7 (mean 0.85, sd 0.212), ceiling 1.0 and 1.2
+    assert "| 100 - 20 | 2 | 0.850 +- 0.212 " in text and "| 1.100 +- 0.141 " in text
+    assert "| 2/2 |" in text
+    with pytest.raises(SystemExit, match="no rows in .*ceiling.jsonl"):
+        ceiling.report(str(tmp_path / "empty"))
+
+
 def test_ood_seeds_pairs_the_runs(tmp_path):
     """Two runs' rows: the AUROC difference is paired per run (EBM minus Gaussian of the same
     run), its mean and t interval printed per k; a folder without rows is refused."""
