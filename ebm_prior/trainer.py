@@ -70,6 +70,8 @@ HISTORY_NAME = "history.csv"
 FIGURE_NAME = "history.png"
 #: Temporary files of :func:`~ebm_prior.hub.atomic_write` next to the trainer's files.
 _STALE = re.compile(r"\.(trainer\.pt|history\.csv|history\.png)\.[0-9a-f]{12}\.tmp")
+#: Seconds after which such a file, no longer being written, is taken as a crashed write's.
+_STALE_AGE = 600.0
 _PRIOR_KEYS = ("latent_shapes", "nef", "num_layers", "channels", "slope")
 REGIMES = ("mle", "joint", "two_stage")
 Regime = Literal["mle", "joint", "two_stage"]
@@ -295,7 +297,7 @@ class Trainer:
             ``history.csv`` (one row per step, appended as the steps run) and, with matplotlib
             installed, ``history.png`` (:func:`plot_history`, at the end of :meth:`fit`). It is
             created if needed and must be writable (checked at construction); temporary files
-            of an interrupted write are removed.
+            of an interrupted write (untouched for 10 minutes) are removed.
         checkpoint_every: Steps between checkpoints (and one at the end of :meth:`fit`).
         progress: Show a tqdm progress bar on rank 0: ``None`` (default) when standard error
             is a terminal, ``True`` always, ``False`` never.
@@ -1021,7 +1023,9 @@ class _Collate:
 
 def _prepare_folder(folder: Path) -> None:
     r"""Creates the checkpoint folder if needed, checks that it is a writable directory and
-    removes the temporary files of interrupted atomic writes."""
+    removes the temporary files of interrupted atomic writes: those not modified for
+    ``_STALE_AGE`` seconds, so that the writes in progress of another process sharing the
+    folder (two runs loading one finished backbone) are left alone."""
 
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"checkpoint_dir {folder} exists and is not a directory")
@@ -1033,10 +1037,19 @@ def _prepare_folder(folder: Path) -> None:
         _new_temp_file(folder / CHECKPOINT_NAME).unlink()
     except OSError as e:
         raise ValueError(f"checkpoint_dir {folder} is not writable: {e}") from e
+    now = time.time()
     for path in sorted(folder.iterdir()):
-        if _STALE.fullmatch(path.name) and path.is_file():
+        if not (_STALE.fullmatch(path.name) and path.is_file()):
+            continue
+        try:
+            age = now - path.stat().st_mtime
+            if age < _STALE_AGE:  # another process sharing the folder may be writing it
+                logger.info("left %s (modified %.0f s ago: a write in progress?)", path, age)
+                continue
             path.unlink()
-            logger.warning("removed %s, left by an interrupted write", path)
+        except FileNotFoundError:  # renamed or removed by its writer meanwhile
+            continue
+        logger.warning("removed %s, left by an interrupted write", path)
 
 
 def _write_history(path: Path, fields: list[str], rows: list[dict[str, float]]) -> None:

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -636,10 +637,17 @@ def test_checkpoint_dir_is_checked_at_construction(tmp_path, monkeypatch):
 
 
 def test_stale_temporary_files_are_removed_and_logged(tmp_path, caplog):
+    """Old temporary files of atomic writes are removed; fresh ones (another process's write in
+    progress in a shared folder) and files of other names are kept."""
+
     stale = [".trainer.pt.0123456789ab.tmp", ".history.csv.a1b2c3d4e5f6.tmp"]
-    kept = [".notes.0123456789ab.tmp", "trainer.pt.bak", ".trainer.pt.xyz.tmp"]
+    in_progress = [".history.png.abcdefabcdef.tmp"]
+    kept = [".notes.0123456789ab.tmp", "trainer.pt.bak", ".trainer.pt.xyz.tmp"] + in_progress
+    old = time.time() - trainer_module._STALE_AGE - 5
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"partial")
+        if name not in in_progress:
+            os.utime(tmp_path / name, (old, old))
     with caplog.at_level(logging.INFO, logger="ebm_prior"):
         make(checkpoint_dir=tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
