@@ -299,6 +299,10 @@ def _across_seeds(rows: list[dict]) -> list[str]:
 
 
 def _figure(rows: list[dict], path: str) -> None:
+    r"""``G`` against epochs per width: each seed's curve (thin), their mean up to the last
+    epoch every seed reached (thick, the number of seeds in the legend), and the classifier
+    ceiling's mean over seeds (dashed, shaded over its range)."""
+
     try:
         import matplotlib
     except ImportError:
@@ -306,22 +310,29 @@ def _figure(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, nef in enumerate(sorted({r["nef"] for r in rows if r["nef"]})):
-        for seed in sorted({r["seed"] for r in rows}):
-            curve = sorted((r for r in rows if r["kind"] == "two_stage" and r["nef"] == nef
-                            and r["seed"] == seed), key=lambda r: r["epoch"])  # fmt: skip
-            color, first = f"C{i}", seed == min(r["seed"] for r in rows)
-            if curve:
-                ax.plot([r["epoch"] for r in curve], [r["gain"] for r in curve], color=color,
-                        marker="o", label=f"two-stage, nef {nef}" if first else None)  # fmt: skip
-            for r in rows:
-                if r["kind"] == "ceiling" and r["nef"] == nef and r["seed"] == seed:
-                    label = f"classifier ceiling, nef {nef}" if first else None
-                    ax.axhline(r["gain"], color=color, ls="--", label=label)
+        color = f"C{i}"
+        curves = {}
+        for r in rows:
+            if r["kind"] == "two_stage" and r["nef"] == nef:
+                curves.setdefault(r["seed"], {})[r["epoch"]] = r["gain"]
+        for curve in curves.values():
+            epochs = sorted(curve)
+            ax.plot(epochs, [curve[e] for e in epochs], color=color, lw=0.7, alpha=0.5)
+        epochs = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+        if epochs:  # the mean where every seed has a point
+            mean = [sum(c[e] for c in curves.values()) / len(curves) for e in epochs]
+            label = f"two-stage, nef {nef} ({len(curves)} seeds)"
+            ax.plot(epochs, mean, color=color, lw=2, label=label)
+        ceil = [r["gain"] for r in rows if r["kind"] == "ceiling" and r["nef"] == nef]
+        if ceil:
+            ax.axhline(sum(ceil) / len(ceil), color=color, ls="--",
+                       label=f"classifier ceiling, nef {nef} ({len(ceil)} seeds)")  # fmt: skip
+            ax.axhspan(min(ceil), max(ceil), color=color, alpha=0.1, lw=0)
     ax.set(xlabel="two-stage epochs", ylabel="G = E_q[f] - log Z (nats)",
            title="ELBO gain of the prior on a frozen VAE")  # fmt: skip
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
