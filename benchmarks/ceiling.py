@@ -34,6 +34,7 @@ stopped run resumes, a larger ``--epochs`` continues). ``--report`` prints the t
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -257,7 +258,7 @@ def report(out: str) -> str:
 def _across_seeds(rows: list[dict]) -> list[str]:
     r"""Lines of the across-seed tables at the last epoch ``E`` any fit reached: per width, the
     ceiling, the two-stage :math:`G` at ``E``, their ratio and gap (mean +- std over seeds [95% t
-    interval]); then the paired difference between consecutive widths, the same seed (the same
+    interval]); then the paired difference between every two widths, the same seed (the same
     backbone and held-out posterior samples). Seeds whose fit has not reached ``E`` are left
     out; nothing is printed with fewer than two seeds."""
 
@@ -287,7 +288,7 @@ def _across_seeds(rows: list[dict]) -> list[str]:
     lines += ["\nPaired difference between widths, the same seed (wider minus narrower)\n",
               "| widths | seeds | two-stage G | ceiling G | wider higher in |",
               "|---|---|---|---|---|"]  # fmt: skip
-    for a, b in zip(nefs, nefs[1:]):
+    for a, b in itertools.combinations(nefs, 2):
         common = sorted(set(seeds[a]) & set(seeds[b]))
         if len(common) < 2:
             continue
