@@ -268,6 +268,10 @@ def _across_seeds(rows: list[dict]) -> list[str]:
     last = max(r["epoch"] for r in fits)
     ceil = {(r["nef"], r["seed"]): r["gain"] for r in rows if r["kind"] == "ceiling"}
     fit = {(r["nef"], r["seed"]): r["gain"] for r in fits if r["epoch"] == last}
+    base = {r["seed"]: r["kid_cls"] for r in rows if r["kind"] == "gaussian"}
+    # KID of the fit at ``last`` as a share of the same seed's Gaussian-prior KID
+    kid = {(r["nef"], r["seed"]): r["kid_cls"] / base[r["seed"]] - 1
+           for r in fits if r["epoch"] == last and r["seed"] in base}  # fmt: skip
     nefs = sorted({n for n, _ in fit})
     seeds = {n: sorted(s for m, s in fit if m == n and (n, s) in ceil) for n in nefs}
     if max(len(s) for s in seeds.values()) < 2:
@@ -278,24 +282,32 @@ def _across_seeds(rows: list[dict]) -> list[str]:
         return f"{m:.3f} +- {sd:.3f} [{lo:.3f}, {hi:.3f}]"
 
     lines = [f"\nAcross seeds, two-stage G at epoch {last} (mean +- std [95% t interval])\n",
-             "| nef | seeds | ceiling G | two-stage G | G / ceiling | ceiling - G |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| nef | seeds | ceiling G | two-stage G | G / ceiling | ceiling - G | "
+             "KID cls / Gaussian's - 1 |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    ratio = {k: fit[k] / ceil[k] for k in fit if k in ceil}
     for n in nefs:
         c, g = [ceil[n, s] for s in seeds[n]], [fit[n, s] for s in seeds[n]]
+        k = [kid[n, s] for s in seeds[n] if (n, s) in kid]
         lines.append(f"| {n} | {len(c)} | {cell(c)} | {cell(g)} | "
-                     f"{cell([b / a for a, b in zip(c, g)])} | "
-                     f"{cell([a - b for a, b in zip(c, g)])} |")  # fmt: skip
+                     f"{cell([ratio[n, s] for s in seeds[n]])} | "
+                     f"{cell([a - b for a, b in zip(c, g)])} | "
+                     f"{cell(k) if k else '-'} |")  # fmt: skip
     lines += ["\nPaired difference between widths, the same seed (wider minus narrower)\n",
-              "| widths | seeds | two-stage G | ceiling G | wider higher in |",
-              "|---|---|---|---|---|"]  # fmt: skip
+              "| widths | seeds | two-stage G | ceiling G | wider higher in | G / ceiling | "
+              "KID cls / Gaussian's |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for a, b in itertools.combinations(nefs, 2):
         common = sorted(set(seeds[a]) & set(seeds[b]))
         if len(common) < 2:
             continue
         d = [fit[b, s] - fit[a, s] for s in common]
         dc = [ceil[b, s] - ceil[a, s] for s in common]
+        dr = [ratio[b, s] - ratio[a, s] for s in common]
+        dk = [kid[b, s] - kid[a, s] for s in common if (a, s) in kid and (b, s) in kid]
         lines.append(f"| {b} - {a} | {len(common)} | {cell(d)} | {cell(dc)} | "
-                     f"{sum(x > 0 for x in d)}/{len(d)} |")  # fmt: skip
+                     f"{sum(x > 0 for x in d)}/{len(d)} | {cell(dr)} | "
+                     f"{cell(dk) if dk else '-'} |")  # fmt: skip
     return lines
 
 

@@ -207,6 +207,8 @@ def test_ceiling_across_seeds_pairs_the_widths(tmp_path):
     # paired over seeds 0 and 1: G 1.0 and 0.7 (mean 0.85, sd 0.212), ceiling 1.0 and 1.2
     assert "| 100 - 20 | 2 | 0.850 +- 0.212 " in text and "| 1.100 +- 0.141 " in text
     assert "| 2/2 |" in text
+    # every KID equals its Gaussian's here: the share column is exactly 0
+    assert "| 0.000 +- 0.000 [0.000, 0.000] |" in text.split("KID cls / Gaussian's - 1")[1]
     with pytest.raises(SystemExit, match="no rows in .*ceiling.jsonl"):
         ceiling.report(str(tmp_path / "empty"))
 
