@@ -7,7 +7,9 @@ Fashion-MNIST (28 x 28, fixed binarisation, two latent groups):
   joint EBM prior, learned jointly (variational joint learning); (c) two-stage: the EBM prior
   fitted on the frozen model (a);
 * ``scale``: Gaussian-prior models whose generator (decoder and prior networks) has about
-  2x, 4x, 8x the parameters of (a) (the encoder keeps (a)'s width);
+  2x, 4x, 8x the parameters of (a) (the encoder keeps (a)'s width); with ``--plateau`` every
+  size, 1x included, trains to its validation-ELBO plateau, the two-stage prior (c) is fitted on
+  the plateau-trained 1x model, and every size is paired with that EBM row by seed (claim 2);
 * ``nef``: the two-stage prior (c) with energy networks of width 10, 20, 50, 100;
 * ``anomaly``: held-out-class anomaly detection (main paper Table 4): train without class k,
   score test images by the negative log-likelihood bound and by the negative unnormalised log
@@ -27,6 +29,7 @@ stopped, and a larger ``--epochs`` continues finished ones.
 
     python benchmarks/quality.py --dataset digits --parts main,nef,scale,fig1
     python benchmarks/quality.py --dataset mnist --parts main,nef --seeds 0,1,2,3
+    python benchmarks/quality.py --dataset mnist --parts scale --plateau --max-epochs 60
     python benchmarks/quality.py --report --out runs/quality     # tables of every JSON there
     python benchmarks/quality.py --tiny --out /some/dir          # smoke run (tests)
 """
@@ -560,6 +563,11 @@ def run_scale(ctx: Context, results: list, cache: dict) -> None:
                           f"Gaussian prior, {ratio:g}x generator")  # fmt: skip
 
 
+#: The model every ``--plateau`` row of ``scale`` is paired with (claim 2: a bigger Gaussian
+#: generator against the small one with the EBM prior, both trained to their plateau).
+PLATEAU_EBM = "c two-stage EBM prior, 1x generator, to plateau"
+
+
 def _run_scale_plateau(ctx: Context, results: list) -> None:
     a = ctx.args
     base = generator_params(new_backbone(a.dataset))
@@ -580,13 +588,27 @@ def _run_scale_plateau(ctx: Context, results: list) -> None:
             known = [v for v in curve if v is not None]
             m, x_gen = ctx.evaluate(vae, None, seed)
             p = generator_params(vae)
+            stats = dict(params=p, ratio=p / base, epochs=len(curve),
+                         plateau=len(curve) < a.max_epochs, val_elbo=known[-1],
+                         best_val_elbo=max(known))  # fmt: skip
             _record(results, "scale", f"d Gaussian, {ratio:g}x generator, to plateau", seed,
-                    train_s=_train_s(trainer), params=p, ratio=p / base, epochs=len(curve),
-                    plateau=len(curve) < a.max_epochs, val_elbo=known[-1],
-                    best_val_elbo=max(known), **m)  # fmt: skip
+                    train_s=_train_s(trainer), **stats, **m)  # fmt: skip
             if seed == a.seeds[0]:
                 save_grid(x_gen[:100], os.path.join(ctx.dir, f"samples_d_{ratio:g}x_plateau.png"),
                           f"Gaussian prior, {ratio:g}x generator, to plateau")  # fmt: skip
+            if ratio != 1:
+                continue
+            # (c) on the plateau-trained 1x backbone: the row every larger generator is paired with
+            torch.manual_seed(seed)
+            prior = new_prior(vae, a.nef, a)
+            diag = fit_two_stage(prior, vae, x_train, a, seed,
+                                 f"plateau_c_nef{a.nef}_n{len(x_train)}_seed{seed}")  # fmt: skip
+            m, x_gen = ctx.evaluate(vae, prior, seed)
+            diag["train_s"] += _train_s(trainer)
+            _record(results, "scale", PLATEAU_EBM, seed, nef=a.nef, **stats, **diag, **m)
+            if seed == a.seeds[0]:
+                save_grid(x_gen[:100], os.path.join(ctx.dir, "samples_c_1x_plateau.png"),
+                          "two-stage EBM prior on the 1x generator, to plateau")  # fmt: skip
 
 
 def run_anomaly(ctx: Context, results: list, cache: dict) -> None:
@@ -788,7 +810,7 @@ def tables(rows: list[dict]) -> str:
                   ("epochs", "epochs", ".0f"), ("best_val_elbo", "best val. ELBO", ".2f"),
                   ("fid_cls", "FID cls", ".2f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
                   ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
-                  ("iw", "log p(x) IW", ".2f"),
+                  ("iw", "log p(x) IW", ".2f"), ("log_z", "log Z", ".3f"),
                   ("mse", "MSE", ".4f"), ("train_s", "train s", ".0f")],
         "anomaly": [("auprc_gaussian", "AUPRC bound, Gaussian", ".3f"),
                     ("auprc_ebm", "AUPRC bound, EBM", ".3f"),
@@ -818,33 +840,50 @@ def tables(rows: list[dict]) -> str:
                 cells = [key[2] + (f" ({div} diverged)" if div else ""), str(len(rs) - div)]
                 cells += [_ms([r.get(c) for r in rs], f) for c, _, f in cols[part]]
                 lines.append("| " + " | ".join(cells) + " |")
-            if part == "main":
-                lines += _paired(groups, dataset)
+            if part in ("main", "scale"):
+                lines += _paired(groups, dataset, part)
     return "\n".join(lines)
 
 
-def _paired(groups: dict[tuple, list[dict]], dataset: str) -> list[str]:
-    r"""Paired differences of the main part: EBM model minus model (a) of the same seed."""
+def _paired(groups: dict[tuple, list[dict]], dataset: str, part: str = "main") -> list[str]:
+    r"""Paired differences, same seed. ``main``: each EBM model minus model (a). ``scale`` (with
+    ``--plateau`` rows): each plateau-trained model minus :data:`PLATEAU_EBM`, the two-stage EBM
+    prior on the plateau-trained 1x generator (claim 2: positive FID/KID and negative nats
+    favour the EBM prior)."""
 
-    ref = {r["seed"]: r for r in groups.get((dataset, "main", "a Gaussian prior"), [])}
-    cols = [("fid_inf_inception", "FID-inf Inception", ".1f"),
-            ("kid_inception", "KID Inception", ".4f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
-            ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
-            ("iw", "log p(x) IW", ".2f")]  # fmt: skip
+    ref_model = "a Gaussian prior" if part == "main" else PLATEAU_EBM
+    ref = {r["seed"]: r for r in groups.get((dataset, part, ref_model), [])}
+    if part == "main":
+        cols = [("fid_inf_inception", "FID-inf Inception", ".1f"),
+                ("kid_inception", "KID Inception", ".4f")]  # fmt: skip
+        title = (
+            f"\n{dataset}, main: paired difference to (a), same seed (mean +- std over "
+            "seeds [95% t interval]; negative FID/KID and positive nats favour the EBM)\n"
+        )
+        label = "a"
+    else:
+        cols = []
+        title = (
+            f"\n{dataset}, scale to plateau: paired difference to the two-stage EBM prior "
+            "on the 1x generator, same seed (mean +- std over seeds [95% t interval]; "
+            "positive FID/KID and negative nats favour the EBM prior)\n"
+        )
+        label = "c (1x, EBM)"
+    cols += [("fid_inf_cls", "FID-inf cls", ".2f"), ("kid_cls", "KID cls", ".1f"),
+             ("elbo", "test ELBO", ".2f"), ("iw", "log p(x) IW", ".2f")]  # fmt: skip
     lines = []
     for key, rs in groups.items():
-        if key[0] != dataset or key[1] != "main" or key[2] == "a Gaussian prior":
+        if key[0] != dataset or key[1] != part or key[2] == ref_model:
+            continue
+        if part == "scale" and not key[2].endswith("to plateau"):
             continue
         rs = [r for r in rs if r["seed"] in ref and "diverged" not in r]
         if not rs:
             continue
         if not lines:
-            lines += [f"\n{dataset}, main: paired difference to (a), same seed (mean +- std "
-                      "over seeds [95% t interval]; negative FID/KID and positive nats favour "
-                      "the EBM)\n",
-                      "| model | n | " + " | ".join(c[1] for c in cols) + " |",
+            lines += [title, "| model | n | " + " | ".join(c[1] for c in cols) + " |",
                       "|" + "|".join("---" for _ in range(len(cols) + 2)) + "|"]  # fmt: skip
-        cells = [f"{key[2]} - a", str(len(rs))]
+        cells = [f"{key[2]} - {label}", str(len(rs))]
         for c, _, f in cols:
             d = [r[c] - ref[r["seed"]][c] for r in rs if r.get(c) is not None
                  and ref[r["seed"]].get(c) is not None]  # fmt: skip

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import re
 
@@ -264,8 +265,35 @@ def test_scale_to_plateau_tiny(tmp_path):
     rows = out["rows"]
     assert [r["model"] for r in rows] == [
         "d Gaussian, 1x generator, to plateau",
+        quality.PLATEAU_EBM,
         "d Gaussian, 2x generator, to plateau",
     ]
     for r in rows:
         assert 1 <= r["epochs"] <= 3 and r["best_val_elbo"] >= r["val_elbo"]
-    assert rows[1]["ratio"] > 1.5 and abs(rows[0]["ratio"] - 1) < 1e-9
+    assert rows[2]["ratio"] > 1.5 and abs(rows[0]["ratio"] - 1) < 1e-9
+    # the EBM prior is fitted on the 1x backbone itself: same decoder, so same reconstructions
+    assert rows[1]["mse"] == rows[0]["mse"] and math.isfinite(rows[1]["log_z"])
+    assert rows[1]["train_s"] > rows[0]["train_s"]
+
+
+def test_scale_to_plateau_pairs_every_size_with_the_ebm_row():
+    """Claim 2's table: each plateau-trained model minus the EBM prior on the 1x, same seed."""
+
+    def row(model, seed, kid, iw):
+        return {"dataset": "mnist", "part": "scale", "model": model, "seed": seed,
+                "kid_cls": kid, "iw": iw}  # fmt: skip
+
+    big = "d Gaussian, 8x generator, to plateau"
+    rows = [row(quality.PLATEAU_EBM, s, 100.0 + s, -99.0) for s in range(3)]
+    rows += [row(big, s, 90.0 + 2 * s, -98.0 + s) for s in range(3)]
+    rows += [row("d Gaussian, 8x generator", 0, 0.0, 0.0)]  # not trained to plateau: unpaired
+    rows += [row(big, 7, 0.0, 0.0)]  # no EBM row of seed 7: left out
+    text = quality.tables(rows)
+    line = next(x for x in text.splitlines() if x.startswith(f"| {big} - c (1x, EBM)"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "3"
+    assert cells[2] == "-" and cells[3].startswith(
+        "-9.0 +- 1.0 ["
+    )  # KID: 90 + 2s - (100 + s) = -10 + s
+    assert cells[5].startswith("2.00 +- 1.00 [")  # nats: -98 + s - (-99) = 1 + s
+    assert "d Gaussian, 8x generator - c" not in text
