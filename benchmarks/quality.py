@@ -586,7 +586,7 @@ def _run_scale_plateau(ctx: Context, results: list) -> None:
             )  # fmt: skip
             vae.eval()
             known = [v for v in curve if v is not None]
-            m, x_gen = ctx.evaluate(vae, None, seed)
+            m, x_gen = ctx.evaluate(vae, None, seed, inception=True)
             p = generator_params(vae)
             stats = dict(params=p, ratio=p / base, epochs=len(curve),
                          plateau=len(curve) < a.max_epochs, val_elbo=known[-1],
@@ -603,7 +603,7 @@ def _run_scale_plateau(ctx: Context, results: list) -> None:
             prior = new_prior(vae, a.nef, a)
             diag = fit_two_stage(prior, vae, x_train, a, seed,
                                  f"plateau_c_nef{a.nef}_n{len(x_train)}_seed{seed}")  # fmt: skip
-            m, x_gen = ctx.evaluate(vae, prior, seed)
+            m, x_gen = ctx.evaluate(vae, prior, seed, inception=True)
             diag["train_s"] += _train_s(trainer)
             _record(results, "scale", PLATEAU_EBM, seed, nef=a.nef, **stats, **diag, **m)
             if seed == a.seeds[0]:
@@ -808,7 +808,9 @@ def tables(rows: list[dict]) -> str:
                 ("train_s", "train s", ".0f")],
         "scale": [("params", "generator params", ",.0f"), ("ratio", "ratio", ".2f"),
                   ("epochs", "epochs", ".0f"), ("best_val_elbo", "best val. ELBO", ".2f"),
-                  ("fid_cls", "FID cls", ".2f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
+                  ("fid_inf_inception", "FID-inf Inception", ".1f"),
+                  ("kid_inception", "KID Inception", ".4f"), ("fid_cls", "FID cls", ".2f"),
+                  ("fid_inf_cls", "FID-inf cls", ".2f"),
                   ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
                   ("iw", "log p(x) IW", ".2f"), ("log_z", "log Z", ".3f"),
                   ("mse", "MSE", ".4f"), ("train_s", "train s", ".0f")],
@@ -854,23 +856,22 @@ def _paired(groups: dict[tuple, list[dict]], dataset: str, part: str = "main") -
     ref_model = "a Gaussian prior" if part == "main" else PLATEAU_EBM
     ref = {r["seed"]: r for r in groups.get((dataset, part, ref_model), [])}
     if part == "main":
-        cols = [("fid_inf_inception", "FID-inf Inception", ".1f"),
-                ("kid_inception", "KID Inception", ".4f")]  # fmt: skip
         title = (
             f"\n{dataset}, main: paired difference to (a), same seed (mean +- std over "
             "seeds [95% t interval]; negative FID/KID and positive nats favour the EBM)\n"
         )
         label = "a"
     else:
-        cols = []
         title = (
             f"\n{dataset}, scale to plateau: paired difference to the two-stage EBM prior "
             "on the 1x generator, same seed (mean +- std over seeds [95% t interval]; "
             "positive FID/KID and negative nats favour the EBM prior)\n"
         )
         label = "c (1x, EBM)"
-    cols += [("fid_inf_cls", "FID-inf cls", ".2f"), ("kid_cls", "KID cls", ".1f"),
-             ("elbo", "test ELBO", ".2f"), ("iw", "log p(x) IW", ".2f")]  # fmt: skip
+    cols = [("fid_inf_inception", "FID-inf Inception", ".1f"),
+            ("kid_inception", "KID Inception", ".4f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
+            ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
+            ("iw", "log p(x) IW", ".2f")]  # fmt: skip
     lines = []
     for key, rs in groups.items():
         if key[0] != dataset or key[1] != part or key[2] == ref_model:

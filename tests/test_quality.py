@@ -292,8 +292,8 @@ def test_scale_to_plateau_pairs_every_size_with_the_ebm_row():
     line = next(x for x in text.splitlines() if x.startswith(f"| {big} - c (1x, EBM)"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "3"
-    assert cells[2] == "-" and cells[3].startswith(
+    assert cells[4] == "-" and cells[5].startswith(
         "-9.0 +- 1.0 ["
     )  # KID: 90 + 2s - (100 + s) = -10 + s
-    assert cells[5].startswith("2.00 +- 1.00 [")  # nats: -98 + s - (-99) = 1 + s
+    assert cells[7].startswith("2.00 +- 1.00 [")  # nats: -98 + s - (-99) = 1 + s
     assert "d Gaussian, 8x generator - c" not in text
