@@ -778,6 +778,11 @@ def _ms(values: list[float], fmt: str) -> str:
     return f"{format(float(np.mean(v)), fmt)} +- {format(float(np.std(v, ddof=1)), fmt)}"
 
 
+def _has(row: dict, key: str) -> bool:
+    v = row.get(key)
+    return v is not None and bool(np.isfinite(v))
+
+
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -833,14 +838,16 @@ def tables(rows: list[dict]) -> str:
             seeds = sorted({r["seed"] for k in keys for r in groups[k]})
             lines.append(f"\n{dataset}, {part} (seeds {','.join(map(str, seeds))}; "
                          "mean +- std over seeds)\n")  # fmt: skip
-            head = ["model", "n"] + [c[1] for c in cols[part]]
+            # a column no row of the table has (e.g. Inception not computed) is left out
+            shown = [c for c in cols[part] if any(_has(r, c[0]) for k in keys for r in groups[k])]
+            head = ["model", "n"] + [c[1] for c in shown]
             lines.append("| " + " | ".join(head) + " |")
             lines.append("|" + "|".join("---" for _ in head) + "|")
             for key in keys:
                 rs = groups[key]
                 div = sum("diverged" in r for r in rs)
                 cells = [key[2] + (f" ({div} diverged)" if div else ""), str(len(rs) - div)]
-                cells += [_ms([r.get(c) for r in rs], f) for c, _, f in cols[part]]
+                cells += [_ms([r.get(c) for r in rs], f) for c, _, f in shown]
                 lines.append("| " + " | ".join(cells) + " |")
             if part in ("main", "scale"):
                 lines += _paired(groups, dataset, part)
@@ -872,6 +879,7 @@ def _paired(groups: dict[tuple, list[dict]], dataset: str, part: str = "main") -
             ("kid_inception", "KID Inception", ".4f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
             ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
             ("iw", "log p(x) IW", ".2f")]  # fmt: skip
+    cols = [c for c in cols if any(_has(r, c[0]) for r in ref.values())]
     lines = []
     for key, rs in groups.items():
         if key[0] != dataset or key[1] != part or key[2] == ref_model:

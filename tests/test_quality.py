@@ -277,23 +277,27 @@ def test_scale_to_plateau_tiny(tmp_path):
 
 
 def test_scale_to_plateau_pairs_every_size_with_the_ebm_row():
-    """Claim 2's table: each plateau-trained model minus the EBM prior on the 1x, same seed."""
+    """Claim 2's table: each plateau-trained model minus the EBM prior on the 1x, same seed;
+    columns no row has (Inception not computed) are left out, one the EBM row alone has is '-'."""
 
-    def row(model, seed, kid, iw):
+    def row(model, seed, kid, iw, **more):
         return {"dataset": "mnist", "part": "scale", "model": model, "seed": seed,
-                "kid_cls": kid, "iw": iw}  # fmt: skip
+                "kid_cls": kid, "iw": iw, **more}  # fmt: skip
 
     big = "d Gaussian, 8x generator, to plateau"
-    rows = [row(quality.PLATEAU_EBM, s, 100.0 + s, -99.0) for s in range(3)]
+    rows = [row(quality.PLATEAU_EBM, s, 100.0 + s, -99.0, fid_inf_cls=1.0) for s in range(3)]
     rows += [row(big, s, 90.0 + 2 * s, -98.0 + s) for s in range(3)]
     rows += [row("d Gaussian, 8x generator", 0, 0.0, 0.0)]  # not trained to plateau: unpaired
     rows += [row(big, 7, 0.0, 0.0)]  # no EBM row of seed 7: left out
     text = quality.tables(rows)
+    assert "Inception" not in text
+    head = next(x for x in text.splitlines() if x.startswith("| model | n | FID-inf cls"))
+    assert [c.strip() for c in head.strip("|").split("|")][2:] == [
+        "FID-inf cls", "KID cls", "log p(x) IW"
+    ]  # fmt: skip
     line = next(x for x in text.splitlines() if x.startswith(f"| {big} - c (1x, EBM)"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[1] == "3"
-    assert cells[4] == "-" and cells[5].startswith(
-        "-9.0 +- 1.0 ["
-    )  # KID: 90 + 2s - (100 + s) = -10 + s
-    assert cells[7].startswith("2.00 +- 1.00 [")  # nats: -98 + s - (-99) = 1 + s
+    assert cells[1] == "3" and cells[2] == "-"
+    assert cells[3].startswith("-9.0 +- 1.0 [")  # KID: 90 + 2s - (100 + s) = -10 + s
+    assert cells[4].startswith("2.00 +- 1.00 [")  # nats: -98 + s - (-99) = 1 + s
     assert "d Gaussian, 8x generator - c" not in text
