@@ -865,14 +865,16 @@ def _paired(groups: dict[tuple, list[dict]], dataset: str, part: str = "main") -
     if part == "main":
         title = (
             f"\n{dataset}, main: paired difference to (a), same seed (mean +- std over "
-            "seeds [95% t interval]; negative FID/KID and positive nats favour the EBM)\n"
+            "seeds [95% t interval] (seeds with a positive difference); negative FID/KID and "
+            "positive nats favour the EBM)\n"
         )
         label = "a"
     else:
         title = (
             f"\n{dataset}, scale to plateau: paired difference to the two-stage EBM prior "
-            "on the 1x generator, same seed (mean +- std over seeds [95% t interval]; "
-            "positive FID/KID and negative nats favour the EBM prior)\n"
+            "on the 1x generator, same seed (mean +- std over seeds [95% t interval] (seeds "
+            "with a positive difference); positive FID/KID and negative nats favour the EBM "
+            "prior)\n"
         )
         label = "c (1x, EBM)"
     cols = [("fid_inf_inception", "FID-inf Inception", ".1f"),
@@ -899,7 +901,8 @@ def _paired(groups: dict[tuple, list[dict]], dataset: str, part: str = "main") -
             if len(d) >= 2:
                 m, sd, lo, hi = paired_interval(d)
                 lo, hi = format(lo, f), format(hi, f)
-                cells.append(f"{format(m, f)} +- {format(sd, f)} [{lo}, {hi}]")
+                up = sum(x > 0 for x in d)
+                cells.append(f"{format(m, f)} +- {format(sd, f)} [{lo}, {hi}] ({up}/{len(d)} > 0)")
             else:
                 cells.append(_ms(d, f) if d else "-")
         lines.append("| " + " | ".join(cells) + " |")

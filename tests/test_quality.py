@@ -300,4 +300,5 @@ def test_scale_to_plateau_pairs_every_size_with_the_ebm_row():
     assert cells[1] == "3" and cells[2] == "-"
     assert cells[3].startswith("-9.0 +- 1.0 [")  # KID: 90 + 2s - (100 + s) = -10 + s
     assert cells[4].startswith("2.00 +- 1.00 [")  # nats: -98 + s - (-99) = 1 + s
+    assert cells[3].endswith("] (0/3 > 0)") and cells[4].endswith("] (3/3 > 0)")
     assert "d Gaussian, 8x generator - c" not in text
