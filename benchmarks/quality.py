@@ -769,18 +769,17 @@ def latent_scatter(base, ebm, post, path: str) -> None:
 # -- tables --------------------------------------------------------------------------------------
 
 
+def _finite(v: float | None) -> bool:
+    return v is not None and bool(np.isfinite(v))
+
+
 def _ms(values: list[float], fmt: str) -> str:
-    v = [x for x in values if x is not None and np.isfinite(x)]
+    v = [x for x in values if _finite(x)]
     if not v:
         return "-"
     if len(v) == 1 or all(x == v[0] for x in v):
         return format(v[0], fmt)
     return f"{format(float(np.mean(v)), fmt)} +- {format(float(np.std(v, ddof=1)), fmt)}"
-
-
-def _has(row: dict, key: str) -> bool:
-    v = row.get(key)
-    return v is not None and bool(np.isfinite(v))
 
 
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -839,7 +838,9 @@ def tables(rows: list[dict]) -> str:
             lines.append(f"\n{dataset}, {part} (seeds {','.join(map(str, seeds))}; "
                          "mean +- std over seeds)\n")  # fmt: skip
             # a column no row of the table has (e.g. Inception not computed) is left out
-            shown = [c for c in cols[part] if any(_has(r, c[0]) for k in keys for r in groups[k])]
+            shown = [
+                c for c in cols[part] if any(_finite(r.get(c[0])) for k in keys for r in groups[k])
+            ]
             head = ["model", "n"] + [c[1] for c in shown]
             lines.append("| " + " | ".join(head) + " |")
             lines.append("|" + "|".join("---" for _ in head) + "|")
@@ -881,7 +882,7 @@ def _paired(groups: dict[tuple, list[dict]], dataset: str, part: str = "main") -
             ("kid_inception", "KID Inception", ".4f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
             ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
             ("iw", "log p(x) IW", ".2f")]  # fmt: skip
-    cols = [c for c in cols if any(_has(r, c[0]) for r in ref.values())]
+    cols = [c for c in cols if any(_finite(r.get(c[0])) for r in ref.values())]
     lines = []
     for key, rs in groups.items():
         if key[0] != dataset or key[1] != part or key[2] == ref_model:
