@@ -249,7 +249,9 @@ def test_every_setting_is_defined_at_full_and_tiny_budget(tiny):
     """Settings read by the runners exist outside --tiny too (a full run must not die late)."""
 
     args = quality.parse_args(["--dataset", "mnist", *(["--tiny"] if tiny else [])])
-    for name in ("ais_chains", "ais_temperatures", "log_z_samples", "iw_samples", "eval_steps"):
+    names = ("ais_chains", "ais_temperatures", "log_z_samples", "iw_samples", "eval_steps",
+             "patience", "max_epochs")  # fmt: skip
+    for name in names:
         assert getattr(args, name) is not None, name
     source = open(quality.__file__).read()
     used = set(re.findall(r"\ba\.([a-z_]+)", source)) | set(re.findall(r"args\.([a-z_]+)", source))
