@@ -716,15 +716,17 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def fit(self, steps: int, resume: bool = True) -> list[dict[str, float]]:
+    def fit(self, steps: int, resume: bool = True, plot: bool = True) -> list[dict[str, float]]:
         r"""Trains until ``self.step == steps`` (resuming from ``checkpoint_dir`` first when
         ``resume`` and a checkpoint exists); checkpoints every ``checkpoint_every`` steps and
         at the end. Returns the statistics of every step run so far.
 
         With a ``checkpoint_dir``, rank 0 rewrites ``history.csv`` from the history it starts
         from (so a resumed run continues it without duplicate rows, and a row cut short by a
-        crash is dropped), appends one row per step, and draws ``history.png`` at the end when
-        matplotlib is installed. Resuming and writing are logged to the ``"ebm_prior"``
+        crash is dropped), appends one row per step, and, with ``plot``, draws
+        ``history.png`` at the end (:meth:`draw_history`). A loop that calls :meth:`fit` once
+        per epoch passes ``plot=False`` and draws once at its end: on a small model the figure
+        costs more than an epoch. Resuming and writing are logged to the ``"ebm_prior"``
         logger."""
 
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
@@ -752,10 +754,22 @@ class Trainer:
                     self.save_checkpoint()
         if self.checkpoint_path is not None and self.step % self.checkpoint_every:
             self.save_checkpoint()
-        if csv_path is not None and importlib.util.find_spec("matplotlib") is not None:
-            figure = plot_history(csv_path, csv_path.with_name(FIGURE_NAME))
-            logger.info("wrote %s", figure)
+        if plot:
+            self.draw_history()
         return self.history
+
+    def draw_history(self) -> Path | None:
+        r"""Draws ``history.png`` next to ``history.csv`` (:func:`plot_history`) on rank 0 when
+        there is a ``checkpoint_dir`` and matplotlib is installed; returns its path, else
+        ``None``."""
+
+        if self.rank != 0 or self.history_path is None:
+            return None
+        if importlib.util.find_spec("matplotlib") is None:
+            return None
+        figure = plot_history(self.history_path, self.history_path.with_name(FIGURE_NAME))
+        logger.info("wrote %s", figure)
+        return figure
 
     def _history_fields(self) -> list[str]:
         return ["step", *self.stat_names, "grad_norm", "seconds"]

@@ -145,7 +145,8 @@ def fit_elbo_to_plateau(
     curve: list[float | None] = []
     if path is not None and path.exists():
         curve = json.loads(path.read_text())["validation_elbo"]
-    trainer.fit(len(curve) * trainer.steps_per_epoch)  # loads the checkpoint, if any
+    # one figure at the end, not one per epoch (it costs more than an epoch on a small model)
+    trainer.fit(len(curve) * trainer.steps_per_epoch, plot=False)  # loads the checkpoint
     # a run stopped between the checkpoint and plateau.json: those epochs' values are unknown
     curve += [None] * (-(-trainer.step // trainer.steps_per_epoch) - len(curve))
 
@@ -156,12 +157,13 @@ def fit_elbo_to_plateau(
         return max(known[-patience:]) < max(known[:-patience]) + min_delta
 
     while len(curve) < max_epochs and not stalled():
-        trainer.fit((len(curve) + 1) * trainer.steps_per_epoch)
+        trainer.fit((len(curve) + 1) * trainer.steps_per_epoch, plot=False)
         curve.append(validation_elbo(backbone, validation, seed))
         if path is not None:
             text = json.dumps({"validation_elbo": curve, "patience": patience,
                                "min_delta": min_delta})  # fmt: skip
             atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
+    trainer.draw_history()
     backbone.requires_grad_(False)
     return trainer, curve
 
