@@ -20,13 +20,18 @@ backbone of ``claim1.py`` (trained first, ``--backbone-epochs``):
   :func:`ebm_prior.log_partition` (``method="auto"``: IS, or AIS below 100 effective samples;
   its ESS and standard error are recorded), the held-out :math:`f(z^+) - f(z^-)` (negatives by
   the training chain), and KID (:math:`\times 10^3`, classifier features) of decoded samples;
-* repeated for every energy width of ``--nefs`` (claim 3 at convergence).
+* repeated for every energy width of ``--nefs`` (claim 3 at convergence);
+* ``--mala`` (Metropolis-adjusted negatives) or a ``--langevin-steps`` / ``--step-size`` other
+  than the defaults make a *sampler variant*: its fits have their own checkpoints and rows (the
+  rows' ``sampler``), its backbone, held-out samples and ceiling are the default fit's, and the
+  report pairs it with the default fit of the same width and seed (is the gap the sampler's?).
 
 Rows go to ``<out>/ceiling.jsonl`` as they are measured; the fits train through checkpoints (a
 stopped run resumes, a larger ``--epochs`` continues). ``--report`` prints the table and draws
 ``ceiling.png``::
 
     python benchmarks/ceiling.py --seeds 0 --nefs 10,20,50,100 --epochs 40 --threads 1
+    python benchmarks/ceiling.py --seeds 0 --nefs 100 --epochs 40 --mala --threads 1
     python benchmarks/ceiling.py --report --out runs/ceiling
     python benchmarks/ceiling.py --tiny --out /some/dir       # smoke run (tests)
 """
@@ -63,6 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="two-stage energy learning rate")
     p.add_argument("--langevin-steps", type=int, default=60)
     p.add_argument("--step-size", type=float, default=0.4)
+    p.add_argument("--mala", action="store_true", help="Metropolis-adjusted negatives")
     p.add_argument("--classifier-epochs", type=int, default=20)
     p.add_argument("--classifier-lr", type=float, default=1e-3)
     p.add_argument("--n-eval", type=int, default=2000, help="held-out posterior samples")
@@ -88,7 +94,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.nefs = args.nefs if args.nefs != [10, 20, 50, 100] else [8, 16]
         args.classifier_epochs, args.n_eval, args.samples, args.log_z_samples = 1, 64, 64, 500
         args.langevin_steps, args.hidden, args.checkpoint_every = 3, 32, 1
+    args.sampler = sampler_label(args.langevin_steps, args.step_size, args.mala, args.tiny)
     return args
+
+
+#: The default negatives' sampler (the claim-1 settings): rows without a ``sampler`` used it.
+DEFAULT_SAMPLER = "ula"
+
+
+def sampler_label(steps: int, step_size: float, mala: bool, tiny: bool = False) -> str:
+    r"""``"ula"`` for the default chain (60 unadjusted steps of s = 0.4; any steps under
+    ``--tiny``), else e.g. ``"mala"``, ``"ula 200x0.4"``, ``"mala 200x0.2"``."""
+
+    name = "mala" if mala else "ula"
+    if tiny or (steps, step_size) == (60, 0.4):
+        return name
+    return f"{name} {steps}x{step_size:g}"
+
+
+def _width(row: dict) -> tuple[int, str]:
+    return row["nef"], row.get("sampler", DEFAULT_SAMPLER)
+
+
+def _order(width: tuple[int, str]) -> tuple[int, bool, str]:
+    return width[0], width[1] != DEFAULT_SAMPLER, width[1]  # the default sampler first
+
+
+def _width_name(width: tuple[int, str]) -> str:
+    nef, sampler = width
+    return str(nef) if sampler == DEFAULT_SAMPLER else f"{nef} {sampler}"
 
 
 @torch.no_grad()
@@ -152,14 +186,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     )  # fmt: skip
     real = classifier(data["test"][: args.samples])
     path = os.path.join(args.out, "ceiling.jsonl")
-    done = {(r["kind"], r["nef"], r["seed"], r["epoch"]) for r in claim1.read_rows(path)}
+    done = {(r["kind"], _width(r), r["seed"], r["epoch"]) for r in claim1.read_rows(path)}
+    variant = "" if args.sampler == DEFAULT_SAMPLER else "_" + args.sampler.replace(" ", "_")
     rows = []
 
     def record(row: dict) -> None:
         rows.append(row)
         claim1.append_row(path, row)
         shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
-        print(f"  {row['kind']} nef {row['nef']} seed {row['seed']} epoch {row['epoch']}: "
+        print(f"  {row['kind']} nef {_width_name(_width(row))} seed {row['seed']} "
+              f"epoch {row['epoch']}: "
               f"{shown}", flush=True)  # fmt: skip
 
     def kid(vae, prior, seed: int) -> float:
@@ -177,31 +213,35 @@ def run(args: argparse.Namespace) -> list[dict]:
                                      os.path.join(args.out, "models"))  # fmt: skip
         vae.requires_grad_(False)
         z_test = posterior(vae, test[: args.n_eval], seed + 70_000)
-        if ("gaussian", 0, seed, 0) not in done:
+        if ("gaussian", (0, DEFAULT_SAMPLER), seed, 0) not in done:
             record({"kind": "gaussian", "nef": 0, "seed": seed, "epoch": 0, "gain": 0.0,
                     "kid_cls": kid(vae, None, seed),
                     "backbone_train_s": stats["train_s"]})  # fmt: skip
         for nef in args.nefs:
-            if ("ceiling", nef, seed, 0) not in done:
+            if ("ceiling", (nef, DEFAULT_SAMPLER), seed, 0) not in done:
                 record({"kind": "ceiling", "nef": nef, "seed": seed, "epoch": 0,
                         **classifier_ceiling(vae, x, z_test, nef, args, seed)})  # fmt: skip
             torch.manual_seed(seed + 1_000)
             prior = JointEBMPrior(
                 vae.latent_shapes, nef=nef,
-                sampler_config={"steps": args.langevin_steps, "step_size": args.step_size},
+                sampler_config={"steps": args.langevin_steps, "step_size": args.step_size,
+                                "mala": args.mala},
             )  # fmt: skip
             trainer = Trainer(
                 prior, vae, x, regime="two_stage", batch_size=args.batch_size, lr=args.lr,
-                langevin_steps=args.langevin_steps, step_size=args.step_size, seed=seed,
-                checkpoint_dir=os.path.join(args.out, "models", f"two_stage_nef{nef}_seed{seed}"),
+                langevin_steps=args.langevin_steps, step_size=args.step_size, mala=args.mala,
+                seed=seed,
+                checkpoint_dir=os.path.join(args.out, "models",
+                                            f"two_stage_nef{nef}_seed{seed}{variant}"),
                 checkpoint_every=args.checkpoint_every, progress=args.progress,
             )  # fmt: skip
             for epoch in range(args.eval_every, args.epochs + 1, args.eval_every):
                 trainer.fit(epoch * trainer.steps_per_epoch)
-                if ("two_stage", nef, seed, epoch) in done:
+                if ("two_stage", (nef, args.sampler), seed, epoch) in done:
                     continue
                 prior.eval()
                 row = {"kind": "two_stage", "nef": nef, "seed": seed, "epoch": epoch,
+                       "sampler": args.sampler,
                        **gain(prior, vae, z_test, args, seed)}  # fmt: skip
                 g = torch.Generator().manual_seed(seed + 80_000)
                 eps = vae.sample_eps(len(z_test[0]), generator=g)
@@ -228,12 +268,19 @@ def report(out: str) -> str:
         if base:
             lines.append(f"| Gaussian | {seed} | 0 | - | - | - | - | - | - | - | "
                          f"{base[0]['kid_cls']:.2f} |")  # fmt: skip
-        for nef in sorted({r["nef"] for r in rows if r["nef"]}):
-            ceil = [r for r in rows if r["kind"] == "ceiling" and r["nef"] == nef
-                    and r["seed"] == seed]  # fmt: skip
-            curve = sorted((r for r in rows if r["kind"] == "two_stage" and r["nef"] == nef
+        fitted = {_width(r) for r in rows if r["kind"] == "two_stage"}
+        widths = fitted | {_width(r) for r in rows if r["kind"] == "ceiling"}
+        for width in sorted(widths, key=_order):
+            nef = _width_name(width)
+            if width[1] == DEFAULT_SAMPLER or width not in fitted:
+                ceil = [r for r in rows if r["kind"] == "ceiling" and _width(r) == width
+                        and r["seed"] == seed]  # fmt: skip
+            else:  # a sampler variant: the default fit's ceiling (the same network)
+                ceil = [r for r in rows if r["kind"] == "ceiling" and r["nef"] == width[0]
+                        and r["seed"] == seed]  # fmt: skip
+            curve = sorted((r for r in rows if r["kind"] == "two_stage" and _width(r) == width
                             and r["seed"] == seed), key=lambda r: r["epoch"])  # fmt: skip
-            if not curve and not ceil:
+            if not curve and (not ceil or width[1] != DEFAULT_SAMPLER):
                 continue
             c = f"{ceil[0]['gain']:.3f}" if ceil else "-"
             a = f"{ceil[0]['accuracy']:.3f}" if ceil else "-"
@@ -259,20 +306,23 @@ def _across_seeds(rows: list[dict]) -> list[str]:
     r"""Lines of the across-seed tables at the last epoch ``E`` any fit reached: per width, the
     ceiling, the two-stage :math:`G` at ``E``, their ratio and gap (mean +- std over seeds [95% t
     interval]); then the paired difference between every two widths, the same seed (the same
-    backbone and held-out posterior samples). Seeds whose fit has not reached ``E`` are left
-    out; nothing is printed with fewer than two seeds."""
+    backbone and held-out posterior samples). A sampler variant counts as a width of its own,
+    with its width's ceiling. Seeds whose fit has not reached ``E`` are left out; nothing is
+    printed with fewer than two seeds."""
 
     fits = [r for r in rows if r["kind"] == "two_stage"]
     if not fits:
         return []
     last = max(r["epoch"] for r in fits)
-    ceil = {(r["nef"], r["seed"]): r["gain"] for r in rows if r["kind"] == "ceiling"}
-    fit = {(r["nef"], r["seed"]): r["gain"] for r in fits if r["epoch"] == last}
+    fit = {(_width(r), r["seed"]): r["gain"] for r in fits if r["epoch"] == last}
+    # a sampler variant's ceiling is its width's (the same network, classifier-trained)
+    by_nef = {(r["nef"], r["seed"]): r["gain"] for r in rows if r["kind"] == "ceiling"}
+    ceil = {(w, s): by_nef[w[0], s] for w, s in fit if (w[0], s) in by_nef}
     base = {r["seed"]: r["kid_cls"] for r in rows if r["kind"] == "gaussian"}
     # KID of the fit at ``last`` as a share of the same seed's Gaussian-prior KID
-    kid = {(r["nef"], r["seed"]): r["kid_cls"] / base[r["seed"]] - 1
+    kid = {(_width(r), r["seed"]): r["kid_cls"] / base[r["seed"]] - 1
            for r in fits if r["epoch"] == last and r["seed"] in base}  # fmt: skip
-    nefs = sorted({n for n, _ in fit})
+    nefs = sorted({n for n, _ in fit}, key=_order)
     seeds = {n: sorted(s for m, s in fit if m == n and (n, s) in ceil) for n in nefs}
     if max(len(s) for s in seeds.values()) < 2:
         return []
@@ -289,12 +339,13 @@ def _across_seeds(rows: list[dict]) -> list[str]:
     for n in nefs:
         c, g = [ceil[n, s] for s in seeds[n]], [fit[n, s] for s in seeds[n]]
         k = [kid[n, s] for s in seeds[n] if (n, s) in kid]
-        lines.append(f"| {n} | {len(c)} | {cell(c)} | {cell(g)} | "
+        lines.append(f"| {_width_name(n)} | {len(c)} | {cell(c)} | {cell(g)} | "
                      f"{cell([ratio[n, s] for s in seeds[n]])} | "
                      f"{cell([a - b for a, b in zip(c, g)])} | "
                      f"{cell(k) if k else '-'} |")  # fmt: skip
-    lines += ["\nPaired difference between widths, the same seed (wider minus narrower)\n",
-              "| widths | seeds | two-stage G | ceiling G | wider higher in | G / ceiling | "
+    lines += ["\nPaired difference between widths (and sampler variants), the same seed (the "
+              "second minus the first)\n",
+              "| widths | seeds | two-stage G | ceiling G | second higher in | G / ceiling | "
               "KID cls / Gaussian's |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for a, b in itertools.combinations(nefs, 2):
@@ -305,7 +356,8 @@ def _across_seeds(rows: list[dict]) -> list[str]:
         dc = [ceil[b, s] - ceil[a, s] for s in common]
         dr = [ratio[b, s] - ratio[a, s] for s in common]
         dk = [kid[b, s] - kid[a, s] for s in common if (a, s) in kid and (b, s) in kid]
-        lines.append(f"| {b} - {a} | {len(common)} | {cell(d)} | {cell(dc)} | "
+        lines.append(f"| {_width_name(b)} - {_width_name(a)} | {len(common)} | {cell(d)} | "
+                     f"{cell(dc)} | "
                      f"{sum(x > 0 for x in d)}/{len(d)} | {cell(dr)} | "
                      f"{cell(dk) if dk else '-'} |")  # fmt: skip
     return lines
@@ -324,11 +376,13 @@ def _figure(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, nef in enumerate(sorted({r["nef"] for r in rows if r["nef"]})):
-        color = f"C{i}"
+    widths = {_width(r) for r in rows if r["kind"] == "two_stage"}
+    widths |= {_width(r) for r in rows if r["kind"] == "ceiling"}
+    for i, width in enumerate(sorted(widths, key=_order)):
+        color, nef = f"C{i}", _width_name(width)
         curves = {}
         for r in rows:
-            if r["kind"] == "two_stage" and r["nef"] == nef:
+            if r["kind"] == "two_stage" and _width(r) == width:
                 curves.setdefault(r["seed"], {})[r["epoch"]] = r["gain"]
         for curve in curves.values():
             epochs = sorted(curve)
@@ -338,7 +392,7 @@ def _figure(rows: list[dict], path: str) -> None:
             mean = [sum(c[e] for c in curves.values()) / len(curves) for e in epochs]
             label = f"two-stage, nef {nef} ({len(curves)} seeds)"
             ax.plot(epochs, mean, color=color, lw=2, label=label)
-        ceil = [r["gain"] for r in rows if r["kind"] == "ceiling" and r["nef"] == nef]
+        ceil = [r["gain"] for r in rows if r["kind"] == "ceiling" and _width(r) == width]
         if ceil:
             ax.axhline(sum(ceil) / len(ceil), color=color, ls="--",
                        label=f"classifier ceiling, nef {nef} ({len(ceil)} seeds)")  # fmt: skip

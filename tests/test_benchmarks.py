@@ -176,6 +176,15 @@ def test_ceiling_tiny_and_the_gain_is_shift_invariant(tmp_path):
         assert {("ceiling", nef, 0), ("two_stage", nef, 1), ("two_stage", nef, 2)} <= kinds
     assert all(r["log_z_ess"] > 0 for r in out["rows"] if "log_z_ess" in r)
     assert ceiling.main(["--tiny", "--out", str(tmp_path)])["rows"] == []
+    # a sampler variant: its own fits and rows on the same backbone, no new ceiling
+    mala = ceiling.main(["--tiny", "--nefs", "8", "--mala", "--out", str(tmp_path)])["rows"]
+    assert [(r["kind"], r["nef"], r["epoch"], r["sampler"]) for r in mala] == [
+        ("two_stage", 8, 1, "mala"), ("two_stage", 8, 2, "mala")]  # fmt: skip
+    default = {r["epoch"]: r for r in out["rows"] if r["kind"] == "two_stage" and r["nef"] == 8}
+    assert all(r["gain"] != default[r["epoch"]]["gain"] for r in mala)
+    assert (tmp_path / "models" / "two_stage_nef8_seed0_mala" / "trainer.pt").exists()
+    assert ceiling.sampler_label(200, 0.4, False) == "ula 200x0.4"
+    assert ceiling.sampler_label(60, 0.4, True) == "mala"
 
 
 def test_ceiling_across_seeds_pairs_the_widths(tmp_path):
@@ -209,6 +218,19 @@ def test_ceiling_across_seeds_pairs_the_widths(tmp_path):
     assert "| 2/2 |" in text
     # every KID equals its Gaussian's here: the share column is exactly 0
     assert "| 0.000 +- 0.000 [0.000, 0.000] |" in text.split("KID cls / Gaussian's - 1")[1]
+    # a MALA fit of nef 100 on seeds 0 and 1 (G 1.6 and 1.6): nef 100's ceiling, paired with
+    # the default fit of the same width and seed
+    for s in range(2):
+        rows.append({"kind": "two_stage", "nef": 100, "seed": s, "epoch": 4, "gain": 1.6,
+                     "sampler": "mala", "log_z": 0.0, "log_z_method": "is", "log_z_ess": 1.0,
+                     "f_gap": 0.0, "kid_cls": 1.0})  # fmt: skip
+    with open(tmp_path / "ceiling.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    text = ceiling.report(str(tmp_path))
+    assert "| 100 mala | 2 | 2.200 +- 0.283 " in text and "| 1.600 +- 0.000 " in text
+    assert "| 100 mala - 100 | 2 | 0.150 +- 0.071 " in text  # 1.6 - 1.5, 1.6 - 1.4
+    assert "| 100 mala | 0 | 2.000 | 0.800 | 1.600 | 4 |" in text  # per seed, its ceiling
+    assert "| 100 mala | 2 |" not in text.split("Across seeds")[0]  # no MALA fit on seed 2
     with pytest.raises(SystemExit, match="no rows in .*ceiling.jsonl"):
         ceiling.report(str(tmp_path / "empty"))
 
