@@ -862,28 +862,45 @@ def tables(rows: list[dict]) -> str:
 
 
 def _paired(groups: dict[tuple, list[dict]], dataset: str, part: str = "main") -> list[str]:
-    r"""Paired differences, same seed. ``main``: each EBM model minus model (a). ``scale`` (with
-    ``--plateau`` rows): each plateau-trained model minus :data:`PLATEAU_EBM`, the two-stage EBM
-    prior on the plateau-trained 1x generator (claim 2: positive FID/KID and negative nats
-    favour the EBM prior)."""
+    r"""Paired differences, same seed. ``main``: each EBM model minus model (a). ``scale``: each
+    plateau-trained model minus :data:`PLATEAU_EBM`, the two-stage EBM prior on the
+    plateau-trained 1x generator, and each fixed-epoch size minus the ``main`` table's (c), the
+    two-stage EBM prior on the 1x generator trained as long (claim 2: positive FID/KID and
+    negative nats favour the EBM prior)."""
 
-    ref_model = "a Gaussian prior" if part == "main" else PLATEAU_EBM
-    ref = {r["seed"]: r for r in groups.get((dataset, part, ref_model), [])}
     if part == "main":
         title = (
             f"\n{dataset}, main: paired difference to (a), same seed (mean +- std over "
             "seeds [95% t interval] (seeds with a positive difference); negative FID/KID and "
             "positive nats favour the EBM)\n"
         )
-        label = "a"
-    else:
-        title = (
-            f"\n{dataset}, scale to plateau: paired difference to the two-stage EBM prior "
-            "on the 1x generator, same seed (mean +- std over seeds [95% t interval] (seeds "
-            "with a positive difference); positive FID/KID and negative nats favour the EBM "
-            "prior)\n"
-        )
-        label = "c (1x, EBM)"
+        return _paired_block(groups, (dataset, "main", "a Gaussian prior"), "a", title,
+                             lambda key: key[1] == "main")  # fmt: skip
+    claim2 = (" (mean +- std over seeds [95% t interval] (seeds with a positive difference); "
+              "positive FID/KID and negative nats favour the EBM prior)\n")  # fmt: skip
+    plateau = _paired_block(
+        groups, (dataset, "scale", PLATEAU_EBM), "c (1x, EBM)",
+        f"\n{dataset}, scale to plateau: paired difference to the two-stage EBM prior on the "
+        "1x generator, same seed" + claim2,
+        lambda key: key[1] == "scale" and key[2].endswith("to plateau"),
+    )  # fmt: skip
+    fixed = _paired_block(
+        groups, (dataset, "main", "c two-stage EBM prior"), "c (main)",
+        f"\n{dataset}, scale: paired difference to the main table's two-stage EBM prior (c), "
+        "the same seed and epochs" + claim2,
+        lambda key: key[1] == "scale" and not key[2].endswith("to plateau")
+        and key[2] != PLATEAU_EBM,
+    )  # fmt: skip
+    return plateau + fixed
+
+
+def _paired_block(groups: dict[tuple, list[dict]], ref_key: tuple, label: str, title: str,
+                  keep) -> list[str]:  # fmt: skip
+    r"""One paired table: every group of ``ref_key``'s dataset that ``keep(key)`` accepts,
+    minus the ``ref_key`` row of the same seed; rows without a reference seed or diverged are
+    left out, and so is a table with no row."""
+
+    ref = {r["seed"]: r for r in groups.get(ref_key, [])}
     cols = [("fid_inf_inception", "FID-inf Inception", ".1f"),
             ("kid_inception", "KID Inception", ".4f"), ("fid_inf_cls", "FID-inf cls", ".2f"),
             ("kid_cls", "KID cls", ".1f"), ("elbo", "test ELBO", ".2f"),
@@ -891,9 +908,7 @@ def _paired(groups: dict[tuple, list[dict]], dataset: str, part: str = "main") -
     cols = [c for c in cols if any(_finite(r.get(c[0])) for r in ref.values())]
     lines = []
     for key, rs in groups.items():
-        if key[0] != dataset or key[1] != part or key[2] == ref_model:
-            continue
-        if part == "scale" and not key[2].endswith("to plateau"):
+        if key[0] != ref_key[0] or key == ref_key or not keep(key):
             continue
         rs = [r for r in rs if r["seed"] in ref and "diverged" not in r]
         if not rs:

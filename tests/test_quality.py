@@ -304,3 +304,22 @@ def test_scale_to_plateau_pairs_every_size_with_the_ebm_row():
     assert cells[4].startswith("2.00 +- 1.00 [")  # nats: -98 + s - (-99) = 1 + s
     assert cells[3].endswith("] (0/3 > 0)") and cells[4].endswith("] (3/3 > 0)")
     assert "d Gaussian, 8x generator - c" not in text
+
+
+def test_fixed_epoch_scale_pairs_with_the_main_tables_ebm_row():
+    """The 6-epoch sizes are paired with the main table's two-stage prior (c) of the same seed,
+    the plateau sizes only with the plateau EBM row."""
+
+    def row(part, model, seed, kid):
+        return {"dataset": "fashion-mnist", "part": part, "model": model, "seed": seed,
+                "kid_cls": kid, "iw": -240.0}  # fmt: skip
+
+    rows = [row("main", "c two-stage EBM prior", s, 50.0 + s) for s in range(2)]
+    rows += [row("main", "a Gaussian prior", s, 70.0) for s in range(2)]
+    rows += [row("scale", "d Gaussian, 4x generator", s, 60.0 - s) for s in range(2)]
+    rows += [row("scale", "d Gaussian, 4x generator, to plateau", s, 0.0) for s in range(2)]
+    text = quality.tables(rows)
+    line = next(x for x in text.splitlines()
+                if x.startswith("| d Gaussian, 4x generator - c (main) | 2 |"))  # fmt: skip
+    assert "| 9.0 +- 1.4 [" in line and "(2/2 > 0)" in line  # 60 - s - (50 + s) = 10 - 2s
+    assert "to plateau - c (main)" not in text and "c (1x, EBM)" not in text
