@@ -1,10 +1,13 @@
 """The quality benchmark runs at a tiny budget (the pipeline, not the numbers), and its metrics."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +326,21 @@ def test_fixed_epoch_scale_pairs_with_the_main_tables_ebm_row():
                 if x.startswith("| d Gaussian, 4x generator - c (main) | 2 |"))  # fmt: skip
     assert "| 9.0 +- 1.4 [" in line and "(2/2 > 0)" in line  # 60 - s - (50 + s) = 10 - 2s
     assert "to plateau - c (main)" not in text and "c (1x, EBM)" not in text
+
+
+def test_every_table_row_of_the_shipped_results_is_in_evaluation_md():
+    """The JSON of the runs behind EVALUATION.md's newer tables ships in docs/results; each
+    folder's report prints rows that are on that page verbatim (with "±" for "+-"), so a
+    number edited by hand or a report that changed its output is caught."""
+
+    root = Path(__file__).resolve().parents[1]
+    folders = sorted(p for p in (root / "docs" / "results").iterdir() if p.is_dir())
+    assert folders, "no results folders in docs/results"
+    page = (root / "EVALUATION.md").read_text()
+    for folder in folders:
+        with contextlib.redirect_stdout(io.StringIO()):
+            text = quality.report(str(folder))
+        rows = [x for x in text.splitlines() if x.startswith("| ") and " +- " in x]
+        assert rows, folder.name
+        missing = [x for x in rows if x.replace("+-", "±") not in page]
+        assert not missing, (folder.name, missing[:2])
