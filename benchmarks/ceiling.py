@@ -56,6 +56,12 @@ else:
     import metrics
 
 
+#: The negatives' chain of the claim-1 settings: steps and step size.
+DEFAULT_CHAIN = (60, 0.4)
+#: Its label: rows without a ``sampler`` (and every ceiling row) belong to it.
+DEFAULT_SAMPLER = "ula"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="mnist", choices=claim1.DATASETS)
@@ -66,8 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=40, help="two-stage epochs")
     p.add_argument("--eval-every", type=int, default=2, help="epochs between evaluations")
     p.add_argument("--lr", type=float, default=1e-4, help="two-stage energy learning rate")
-    p.add_argument("--langevin-steps", type=int, default=60)
-    p.add_argument("--step-size", type=float, default=0.4)
+    p.add_argument("--langevin-steps", type=int, default=DEFAULT_CHAIN[0])
+    p.add_argument("--step-size", type=float, default=DEFAULT_CHAIN[1])
     p.add_argument("--mala", action="store_true", help="Metropolis-adjusted negatives")
     p.add_argument("--classifier-epochs", type=int, default=20)
     p.add_argument("--classifier-lr", type=float, default=1e-3)
@@ -89,25 +95,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.nefs = [int(s) for s in args.nefs.split(",")]
     args.latent_dims = tuple(int(s) for s in args.latent_dims.split(","))
     args.train_size, args.vae_lr = None, 1e-3
+    # the label of the chain asked for (--tiny shortens every chain, the default's too)
+    args.sampler = sampler_label(args.langevin_steps, args.step_size, args.mala)
     if args.tiny:
         args.dataset, args.backbone_epochs, args.epochs, args.eval_every = "digits", 1, 2, 1
         args.nefs = args.nefs if args.nefs != [10, 20, 50, 100] else [8, 16]
         args.classifier_epochs, args.n_eval, args.samples, args.log_z_samples = 1, 64, 64, 500
         args.langevin_steps, args.hidden, args.checkpoint_every = 3, 32, 1
-    args.sampler = sampler_label(args.langevin_steps, args.step_size, args.mala, args.tiny)
     return args
 
 
-#: The default negatives' sampler (the claim-1 settings): rows without a ``sampler`` used it.
-DEFAULT_SAMPLER = "ula"
-
-
-def sampler_label(steps: int, step_size: float, mala: bool, tiny: bool = False) -> str:
-    r"""``"ula"`` for the default chain (60 unadjusted steps of s = 0.4; any steps under
-    ``--tiny``), else e.g. ``"mala"``, ``"ula 200x0.4"``, ``"mala 200x0.2"``."""
+def sampler_label(steps: int, step_size: float, mala: bool) -> str:
+    r""":data:`DEFAULT_SAMPLER` for the default chain (:data:`DEFAULT_CHAIN`, unadjusted), else
+    e.g. ``"mala"``, ``"ula 200x0.4"``, ``"mala 200x0.2"``."""
 
     name = "mala" if mala else "ula"
-    if tiny or (steps, step_size) == (60, 0.4):
+    if (steps, step_size) == DEFAULT_CHAIN:
         return name
     return f"{name} {steps}x{step_size:g}"
 
@@ -268,16 +271,12 @@ def report(out: str) -> str:
         if base:
             lines.append(f"| Gaussian | {seed} | 0 | - | - | - | - | - | - | - | "
                          f"{base[0]['kid_cls']:.2f} |")  # fmt: skip
-        fitted = {_width(r) for r in rows if r["kind"] == "two_stage"}
-        widths = fitted | {_width(r) for r in rows if r["kind"] == "ceiling"}
+        widths = {_width(r) for r in rows if r["kind"] in ("two_stage", "ceiling")}
         for width in sorted(widths, key=_order):
             nef = _width_name(width)
-            if width[1] == DEFAULT_SAMPLER or width not in fitted:
-                ceil = [r for r in rows if r["kind"] == "ceiling" and _width(r) == width
-                        and r["seed"] == seed]  # fmt: skip
-            else:  # a sampler variant: the default fit's ceiling (the same network)
-                ceil = [r for r in rows if r["kind"] == "ceiling" and r["nef"] == width[0]
-                        and r["seed"] == seed]  # fmt: skip
+            # a sampler variant's ceiling is its width's (the same network)
+            ceil = [r for r in rows if r["kind"] == "ceiling" and r["nef"] == width[0]
+                    and r["seed"] == seed]  # fmt: skip
             curve = sorted((r for r in rows if r["kind"] == "two_stage" and _width(r) == width
                             and r["seed"] == seed), key=lambda r: r["epoch"])  # fmt: skip
             if not curve and (not ceil or width[1] != DEFAULT_SAMPLER):
@@ -376,8 +375,7 @@ def _figure(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    widths = {_width(r) for r in rows if r["kind"] == "two_stage"}
-    widths |= {_width(r) for r in rows if r["kind"] == "ceiling"}
+    widths = {_width(r) for r in rows if r["kind"] in ("two_stage", "ceiling")}
     for i, width in enumerate(sorted(widths, key=_order)):
         color, nef = f"C{i}", _width_name(width)
         curves = {}

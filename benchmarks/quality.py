@@ -888,8 +888,7 @@ def _paired(groups: dict[tuple, list[dict]], dataset: str, part: str = "main") -
         groups, (dataset, "main", "c two-stage EBM prior"), "c (main)",
         f"\n{dataset}, scale: paired difference to the main table's two-stage EBM prior (c), "
         "the same seed and epochs" + claim2,
-        lambda key: key[1] == "scale" and not key[2].endswith("to plateau")
-        and key[2] != PLATEAU_EBM,
+        lambda key: key[1] == "scale" and not key[2].endswith("to plateau"),
     )  # fmt: skip
     return plateau + fixed
 
