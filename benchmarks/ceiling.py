@@ -249,9 +249,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 g = torch.Generator().manual_seed(seed + 80_000)
                 eps = vae.sample_eps(len(z_test[0]), generator=g)
                 chain = EpsLangevin(prior, vae, generator=g, trace=False, **prior.sampler_config)
-                z_neg = chain(eps).z
+                out = chain(eps)
                 with torch.no_grad():
-                    row["f_gap"] = row["f_pos"] - prior(z_neg).mean().item()
+                    row["f_gap"] = row["f_pos"] - prior(out.z).mean().item()
+                if out.acceptance is not None:  # MALA: the held-out chain's mean acceptance
+                    row["acceptance"] = out.acceptance.mean().item()
                 row["kid_cls"] = kid(vae, prior, seed)
                 row["train_s"] = float(sum(h["seconds"] for h in trainer.history))
                 record(row)
@@ -264,13 +266,14 @@ def report(out: str) -> str:
     if not rows:
         raise SystemExit(f"no rows in {path}: run the benchmark with --out {out} first")
     lines = ["| nef | seed | ceiling G (classifier) | accuracy | best two-stage G | at epoch | "
-             "last epoch | last G | log Z (method, ESS) | f(z+) - f(z-) | KID cls x1e3 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "last epoch | last G | log Z (method, ESS) | f(z+) - f(z-) | KID cls x1e3 | "
+             "MALA acceptance |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for seed in sorted({r["seed"] for r in rows}):
         base = [r for r in rows if r["kind"] == "gaussian" and r["seed"] == seed]
         if base:
             lines.append(f"| Gaussian | {seed} | 0 | - | - | - | - | - | - | - | "
-                         f"{base[0]['kid_cls']:.2f} |")  # fmt: skip
+                         f"{base[0]['kid_cls']:.2f} | - |")  # fmt: skip
         widths = {_width(r) for r in rows if r["kind"] in ("two_stage", "ceiling")}
         for width in sorted(widths, key=_order):
             nef = _width_name(width)
@@ -285,14 +288,15 @@ def report(out: str) -> str:
             a = f"{ceil[0]['accuracy']:.3f}" if ceil else "-"
             if curve:
                 best, last = max(curve, key=lambda r: r["gain"]), curve[-1]
+                acc = f"{last['acceptance']:.3f}" if "acceptance" in last else "-"
                 lines.append(
                     f"| {nef} | {seed} | {c} | {a} | {best['gain']:.3f} | {best['epoch']} | "
                     f"{last['epoch']} | {last['gain']:.3f} | {last['log_z']:.3f} "
                     f"({last['log_z_method']}, {last['log_z_ess']:.0f}) | {last['f_gap']:.3f} | "
-                    f"{last['kid_cls']:.2f} |"
+                    f"{last['kid_cls']:.2f} | {acc} |"
                 )
             else:
-                lines.append(f"| {nef} | {seed} | {c} | {a} | - | - | - | - | - | - | - |")
+                lines.append(f"| {nef} | {seed} | {c} | {a} | - | - | - | - | - | - | - | - |")
     text = "\n".join(lines + _across_seeds(rows))
     with open(os.path.join(out, "ceiling.md"), "w") as f:
         f.write(text + "\n")

@@ -182,6 +182,9 @@ def test_ceiling_tiny_and_the_gain_is_shift_invariant(tmp_path):
         ("two_stage", 8, 1, "mala"), ("two_stage", 8, 2, "mala")]  # fmt: skip
     default = {r["epoch"]: r for r in out["rows"] if r["kind"] == "two_stage" and r["nef"] == 8}
     assert all(r["gain"] != default[r["epoch"]]["gain"] for r in mala)
+    # the MALA rows carry their chain's acceptance, the unadjusted rows none
+    assert all(0 < r["acceptance"] <= 1 for r in mala)
+    assert not any("acceptance" in r for r in out["rows"])
     assert (tmp_path / "models" / "two_stage_nef8_seed0_mala" / "trainer.pt").exists()
     assert ceiling.sampler_label(200, 0.4, False) == "ula 200x0.4"
     assert ceiling.sampler_label(60, 0.4, True) == "mala"
@@ -223,7 +226,7 @@ def test_ceiling_across_seeds_pairs_the_widths(tmp_path):
     for s in range(2):
         rows.append({"kind": "two_stage", "nef": 100, "seed": s, "epoch": 4, "gain": 1.6,
                      "sampler": "mala", "log_z": 0.0, "log_z_method": "is", "log_z_ess": 1.0,
-                     "f_gap": 0.0, "kid_cls": 1.0})  # fmt: skip
+                     "f_gap": 0.0, "kid_cls": 1.0, "acceptance": 0.5 + 0.25 * s})  # fmt: skip
     with open(tmp_path / "ceiling.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     text = ceiling.report(str(tmp_path))
@@ -231,6 +234,8 @@ def test_ceiling_across_seeds_pairs_the_widths(tmp_path):
     assert "| 100 mala - 100 | 2 | 0.150 +- 0.071 " in text  # 1.6 - 1.5, 1.6 - 1.4
     assert "| 100 mala | 0 | 2.000 | 0.800 | 1.600 | 4 |" in text  # per seed, its ceiling
     assert "| 100 mala | 2 |" not in text.split("Across seeds")[0]  # no MALA fit on seed 2
+    assert "| 0.000 | 1.00 | 0.750 |" in text  # seed 1's MALA acceptance, per seed
+    assert "| 0.000 | 1.00 | - |" in text  # the unadjusted fits have none
     with pytest.raises(SystemExit, match="no rows in .*ceiling.jsonl"):
         ceiling.report(str(tmp_path / "empty"))
 
