@@ -13,10 +13,13 @@ samples drawn by the training posterior chain (:func:`ebm_prior.log_joint_score`
 Reported per class and seed: AUPRC of both models, their difference with a paired bootstrap
 interval (the same test images resampled for both, :func:`ebm_prior.paired_auroc_difference`
 with ``metric="auprc"``); per class over seeds: mean, std and the 95% t interval of the paired
-difference. Rows go to ``<out>/anomaly.jsonl`` as they are measured; models train through
-checkpoints (a stopped run resumes)::
+difference; the energy at the last epoch's posterior and prior chains (how much it learned).
+``--ebm-lr`` trains the EBM models at another energy learning rate (own folders and rows),
+paired with the same Gaussian models. Rows go to ``<out>/anomaly.jsonl`` as they are
+measured; models train through checkpoints (a stopped run resumes)::
 
     python benchmarks/anomaly.py --classes 1,4,5,7,9 --seeds 0,1,2,3 --epochs 4 --threads 1
+    python benchmarks/anomaly.py --classes 9 --epochs 4 --ebm-lr 1e-4    # a faster energy
     python benchmarks/anomaly.py --report --out runs/anomaly
     python benchmarks/anomaly.py --tiny --out /some/dir       # smoke run (tests)
 """
@@ -31,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from ebm_prior import auprc, log_joint_score, paired_auroc_difference
+from ebm_prior.trainer import DEFAULTS
 
 if __package__:  # imported as benchmarks.anomaly
     from . import claim1
@@ -38,6 +42,12 @@ else:
     import claim1
 
 MODELS = ("gaussian_mle", "ebm_mle")
+#: The energy's learning rate of the authors' settings (:data:`ebm_prior.trainer.DEFAULTS`).
+DEFAULT_EBM_LR = float(DEFAULTS["mle"]["lr"])
+
+
+def _lr(row: dict) -> float:
+    return row.get("ebm_lr", DEFAULT_EBM_LR)  # rows from before the option: the default
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -52,6 +62,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--latent-dims", default="16,32")
     p.add_argument("--nef", type=int, default=100)
+    p.add_argument(
+        "--ebm-lr",
+        type=float,
+        help="the energy's learning rate (default: the authors' 2e-5); another rate "
+        "trains its own EBM models, paired with the same Gaussian ones",
+    )
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--threads", type=int)
@@ -99,7 +115,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     data = claim1.load_data(args)
     x_all, y = data["train"] * 2 - 1, data["train_y"]
     path = os.path.join(args.out, "anomaly.jsonl")
-    done = {(r["k"], r["seed"]) for r in claim1.read_rows(path) if r["epochs"] == args.epochs}
+    lr = DEFAULT_EBM_LR if args.ebm_lr is None else args.ebm_lr
+    done = {(r["k"], r["seed"]) for r in claim1.read_rows(path)
+            if r["epochs"] == args.epochs and _lr(r) == lr}  # fmt: skip
     rows = []
     for k in args.classes:
         train, test_in, test_out = split(y, k)
@@ -107,12 +125,20 @@ def run(args: argparse.Namespace) -> list[dict]:
             if (k, seed) in done:
                 print(f"  held-out {k} seed {seed}: measured already", flush=True)
                 continue
-            row = {"k": k, "seed": seed, "epochs": args.epochs, "train_images": len(train),
-                   "normal": len(test_in), "anomalies": len(test_out)}  # fmt: skip
+            row = {"k": k, "seed": seed, "epochs": args.epochs, "ebm_lr": lr,
+                   "train_images": len(train), "normal": len(test_in),
+                   "anomalies": len(test_out)}  # fmt: skip
             got = {}
             for model in MODELS:
-                models_dir = os.path.join(args.out, "models", f"heldout{k}")
-                vae, prior, stats = claim1.train(model, seed, x_all[train], args, models_dir)
+                # an EBM at another rate has its own folder; the Gaussian model is shared
+                other = model == "ebm_mle" and lr != DEFAULT_EBM_LR
+                folder = f"heldout{k}_ebm_lr{lr:g}" if other else f"heldout{k}"
+                vae, prior, stats = claim1.train(
+                    model, seed, x_all[train], args, os.path.join(args.out, "models", folder),
+                    prior_lr=lr if model == "ebm_mle" else None,
+                )  # fmt: skip
+                if prior is not None and stats["prior_lr"] != lr:
+                    raise RuntimeError(f"{model} trained at {stats['prior_lr']}, not {lr}")
                 t0 = time.time()
                 s_in = scores(vae, prior, x_all[test_in], stats, args, seed).numpy()
                 s_out = scores(vae, prior, x_all[test_out], stats, args, seed).numpy()
@@ -120,6 +146,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 name = model.split("_")[0]
                 row[f"auprc_{name}"] = auprc(s_in, s_out)
                 row[f"train_s_{name}"], row[f"score_s_{name}"] = stats["train_s"], time.time() - t0
+                for key in ("f_pos", "f_neg"):  # the energy at the last epoch's chains
+                    if prior is not None and f"last_epoch_{key}" in stats:
+                        row[f"{key}_{name}"] = stats[f"last_epoch_{key}"]
             ci = paired_auroc_difference(
                 got["gaussian_mle"],
                 got["ebm_mle"],
@@ -140,22 +169,26 @@ def run(args: argparse.Namespace) -> list[dict]:
 def report(out: str) -> str:
     rows = claim1.read_rows(os.path.join(out, "anomaly.jsonl"))
     lines = []
-    for epochs in sorted({r["epochs"] for r in rows}):
-        sub = [r for r in rows if r["epochs"] == epochs]
-        lines += [f"\n{epochs} epochs (mean +- std over seeds; paired difference EBM - Gaussian "
-                  "with its 95% t interval over seeds; per-seed bootstrap intervals in the "
-                  "JSON lines)\n",
+    for epochs, lr in sorted({(r["epochs"], _lr(r)) for r in rows}):
+        sub = [r for r in rows if r["epochs"] == epochs and _lr(r) == lr]
+        lines += [f"\n{epochs} epochs, energy learning rate {lr:g} (mean +- std over seeds; "
+                  "paired difference EBM - Gaussian with its 95% t interval over seeds; "
+                  "per-seed bootstrap intervals in the JSON lines; f at the last epoch's "
+                  "posterior and prior chains)\n",
                   "| held-out class | seeds | positives | AUPRC Gaussian | AUPRC EBM | "
-                  "EBM - Gaussian (x1e3) | 95% t interval (x1e3) |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "EBM - Gaussian (x1e3) | 95% t interval (x1e3) | f(z+) | f(z+) - f(z-) |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for k in sorted({r["k"] for r in sub}):
             rs = [r for r in sub if r["k"] == k]
             m, sd, lo, hi = claim1.paired_interval([1e3 * r["diff"] for r in rs])
+            f = [r for r in rs if "f_pos_ebm" in r]  # rows from before f was recorded: none
+            fp = claim1._ms([r["f_pos_ebm"] for r in f], ".2f") if f else "-"
+            fg = claim1._ms([r["f_pos_ebm"] - r["f_neg_ebm"] for r in f], ".3f") if f else "-"
             lines.append(
                 f"| {k} | {len(rs)} | {rs[0]['positive_rate']:.3f} | "
                 f"{claim1._ms([r['auprc_gaussian'] for r in rs], '.3f')} | "
                 f"{claim1._ms([r['auprc_ebm'] for r in rs], '.3f')} | {m:+.2f} +- {sd:.2f} | "
-                f"[{lo:+.2f}, {hi:+.2f}] |"
+                f"[{lo:+.2f}, {hi:+.2f}] | {fp} | {fg} |"
             )
     text = "\n".join(lines)
     with open(os.path.join(out, "anomaly.md"), "w") as f:

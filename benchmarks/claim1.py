@@ -199,12 +199,24 @@ def new_prior(vae: HierarchicalVAE, args: argparse.Namespace, seed: int) -> Join
     return JointEBMPrior(vae.latent_shapes, nef=args.nef, backbone=vae.fingerprint())
 
 
-def trainer_for(model: str, vae, prior, x: torch.Tensor, args, seed: int, folder: str) -> Trainer:
-    r"""The :class:`Trainer` of a model (the regime's defaults unless stated in the docstring)."""
+def trainer_for(
+    model: str,
+    vae,
+    prior,
+    x: torch.Tensor,
+    args,
+    seed: int,
+    folder: str,
+    prior_lr: float | None = None,
+) -> Trainer:
+    r"""The :class:`Trainer` of a model (the regime's defaults unless stated in the docstring;
+    ``prior_lr`` replaces the energy's learning rate)."""
 
     common = dict(batch_size=args.batch_size, seed=seed, checkpoint_dir=folder,
                   checkpoint_every=args.checkpoint_every, progress=args.progress,
                   mala=model.endswith("_mala"))  # fmt: skip
+    if prior_lr is not None:
+        common["lr"] = prior_lr
     model = model.removesuffix("_mala")
     if args.tiny and model.endswith("mle"):
         common.update(langevin_steps=3, posterior_steps=3)
@@ -228,10 +240,16 @@ def trainer_for(model: str, vae, prior, x: torch.Tensor, args, seed: int, folder
 
 
 def train(
-    model: str, seed: int, x: torch.Tensor, args: argparse.Namespace, models_dir: str
+    model: str,
+    seed: int,
+    x: torch.Tensor,
+    args: argparse.Namespace,
+    models_dir: str,
+    prior_lr: float | None = None,
 ) -> tuple[HierarchicalVAE, Any, dict]:
     r"""Trains (or resumes, or loads) ``model`` of ``seed`` on ``x`` (in [-1, 1]) in
-    ``models_dir/<model>_seed<seed>``; returns the backbone, the prior and statistics."""
+    ``models_dir/<model>_seed<seed>``; returns the backbone, the prior and statistics.
+    ``prior_lr``: the energy's learning rate, if not the regime's default."""
 
     a = args
     folder = os.path.join(models_dir, f"{model}_seed{seed}")
@@ -240,7 +258,7 @@ def train(
     else:
         vae = new_backbone(a, x.shape[1:], seed)
     prior = new_prior(vae, a, seed) if model.startswith("ebm") else None
-    trainer = trainer_for(model, vae, prior, x, a, seed, folder)
+    trainer = trainer_for(model, vae, prior, x, a, seed, folder, prior_lr)
     steps = a.epochs * trainer.steps_per_epoch
     t0 = time.time()
     history = trainer.fit(steps)
@@ -259,6 +277,7 @@ def train(
         keys = ("step_size", "steps", "mala")
         prior.sampler_config = {k: trainer.sampler_kwargs[k] for k in keys}
         stats["mala"] = trainer.sampler_kwargs["mala"]
+        stats["prior_lr"] = trainer.config["lr"]
     return vae, prior, stats
 
 

@@ -142,6 +142,15 @@ def test_anomaly_split_and_tiny_run(tmp_path):
         assert r["diff"] == r["auprc_ebm"] - r["auprc_gaussian"]
     assert "| 1 | 2 |" in out["tables"]
     assert anomaly.main(["--tiny", "--out", str(tmp_path)])["rows"] == []
+    # another energy rate: its own EBM models, the same Gaussian ones (loaded, not retrained)
+    fast = anomaly.main(["--tiny", "--seeds", "0", "--ebm-lr", "1e-3", "--out", str(tmp_path)])
+    (row,) = fast["rows"]
+    assert row["ebm_lr"] == 1e-3 and row["auprc_gaussian"] == out["rows"][0]["auprc_gaussian"]
+    assert row["auprc_ebm"] != out["rows"][0]["auprc_ebm"]
+    assert (tmp_path / "models" / "heldout1_ebm_lr0.001" / "ebm_mle_seed0").is_dir()
+    assert "energy learning rate 0.001" in fast["tables"]
+    assert "energy learning rate 2e-05" in fast["tables"]  # the default rate's table stays
+    assert "f_pos_ebm" in row and "f_pos_gaussian" not in row
 
 
 def test_ceiling_tiny_and_the_gain_is_shift_invariant(tmp_path):
