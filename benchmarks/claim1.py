@@ -277,7 +277,6 @@ def train(
         keys = ("step_size", "steps", "mala")
         prior.sampler_config = {k: trainer.sampler_kwargs[k] for k in keys}
         stats["mala"] = trainer.sampler_kwargs["mala"]
-        stats["prior_lr"] = trainer.config["lr"]
     return vae, prior, stats
 
 
