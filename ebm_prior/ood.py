@@ -330,8 +330,9 @@ def log_joint_score(
     posterior_steps: int = 40,
     posterior_step_size: float = 0.1,
     generator: torch.Generator | None = None,
+    return_energy: bool = False,
     **sampler_options: Any,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""Returns the expected log joint at posterior samples (Pang et al.'s decision function).
 
     .. math:: s(x) = \frac{1}{S} \sum_{s=1}^S \Big[\log p(x \mid z^s) + \log p_b(z^s)
@@ -356,11 +357,15 @@ def log_joint_score(
         posterior_steps, posterior_step_size: The chains' length and step size
             (``"langevin"``).
         generator: Seeds the chains (``"langevin"``).
+        return_energy: Also return the energy's share of the score,
+            :math:`\frac{1}{S} \sum_s f_a(z^s)` at the same samples (zeros without a prior):
+            how much the prior moves each image's score, and whether it reorders them.
         sampler_options: Further options of :func:`~ebm_prior.sample_posterior` (``mala``,
             ``clip_grad``, ...).
 
     Returns:
-        :math:`s(x)`, with shape :math:`(B,)`.
+        :math:`s(x)`, with shape :math:`(B,)`; with ``return_energy``, the pair
+        :math:`(s(x), \bar f(x))`, both with shape :math:`(B,)`.
 
     References:
         | Learning Latent Space Energy-Based Prior Model (Pang et al., 2020)
@@ -374,7 +379,7 @@ def log_joint_score(
         raise ValueError(f"posterior must be 'encoder' or 'langevin', got {posterior!r}")
     if posterior == "encoder" and (sampler_options or generator is not None):
         raise ValueError("generator and sampler options apply to posterior='langevin' only")
-    total = 0.0
+    total, energy = 0.0, 0.0
     for _ in range(samples):
         if posterior == "encoder":
             z = backbone.posterior(x).z
@@ -384,9 +389,12 @@ def log_joint_score(
                 generator=generator, trace=False, **sampler_options,
             ).z  # fmt: skip
         with torch.no_grad():
-            total = total + backbone.log_likelihood(x, z) + backbone.log_prior(z)
-            total = total + _energy(prior, z)
-    return total / samples
+            f = _energy(prior, z)
+            total = total + backbone.log_likelihood(x, z) + backbone.log_prior(z) + f
+            energy = energy + f
+    if not return_energy:
+        return total / samples
+    return total / samples, torch.zeros_like(total) + energy / samples
 
 
 def llr_score(

@@ -385,12 +385,22 @@ def test_log_joint_score(vae, x):
     torch.manual_seed(1)
     ours = log_joint_score(vae, x, prior, samples=3)
     torch.manual_seed(1)
-    ref = []
+    ref, f = [], []
     with torch.no_grad():
         for _ in range(3):
             z = vae.posterior(x).z
-            ref.append(vae.log_likelihood(x, z) + vae.log_prior(z) + prior(z))
+            f.append(prior(z))
+            ref.append(vae.log_likelihood(x, z) + vae.log_prior(z) + f[-1])
     torch.testing.assert_close(ours, torch.stack(ref).mean(0))
+    # the energy's share, at the same samples as the score
+    torch.manual_seed(1)
+    score, energy = log_joint_score(vae, x, prior, samples=3, return_energy=True)
+    torch.testing.assert_close(score, ours)
+    torch.testing.assert_close(energy, torch.stack(f).mean(0))
+    assert energy.abs().max() > 0
+    torch.manual_seed(1)
+    score, energy = log_joint_score(vae, x, samples=3, return_energy=True)
+    assert energy.shape == score.shape == (6,) and not energy.any()
 
 
 def test_llr_k0_is_zero(vae, x):
