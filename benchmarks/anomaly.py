@@ -13,10 +13,14 @@ samples drawn by the training posterior chain (:func:`ebm_prior.log_joint_score`
 Reported per class and seed: AUPRC of both models, their difference with a paired bootstrap
 interval (the same test images resampled for both, :func:`ebm_prior.paired_auroc_difference`
 with ``metric="auprc"``); per class over seeds: mean, std and the 95% t interval of the paired
-difference; the energy at the last epoch's posterior and prior chains (how much it learned).
+difference; the energy at the last epoch's posterior and prior chains (how much it learned),
+and its share of the EBM model's score (its spread over the test images against the score's,
+the AUPRC of the energy alone, and the AUPRC with the energy removed at the same samples).
 ``--ebm-lr`` trains the EBM models at another energy learning rate (own folders and rows),
-paired with the same Gaussian models. Rows go to ``<out>/anomaly.jsonl`` as they are
-measured; models train through checkpoints (a stopped run resumes)::
+paired with the same Gaussian models. A fit the trainer stops for divergence is a row saying
+so, named under its table and left out of it (resuming it would diverge again). Rows go to
+``<out>/anomaly.jsonl`` as they are measured; models train through checkpoints (a stopped run
+resumes)::
 
     python benchmarks/anomaly.py --classes 1,4,5,7,9 --seeds 0,1,2,3 --epochs 4 --threads 1
     python benchmarks/anomaly.py --classes 9 --epochs 4 --ebm-lr 1e-4    # a faster energy
@@ -31,6 +35,7 @@ import os
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ebm_prior import auprc, log_joint_score, paired_auroc_difference
@@ -98,16 +103,19 @@ def split(y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return normal[:cut], normal[cut:], (y == k).nonzero().squeeze(1)
 
 
-def scores(vae, prior, x: torch.Tensor, stats: dict, args, seed: int) -> torch.Tensor:
-    r"""Anomaly scores (higher: more anomalous), shape ``(N,)``."""
+def scores(vae, prior, x: torch.Tensor, stats: dict, args, seed: int) -> tuple:
+    r"""Anomaly scores (higher: more anomalous) and the energy's share of the log joint
+    (:math:`\bar f(x)`, zeros for the Gaussian prior), numpy arrays of shape ``(N,)``."""
 
     gen = torch.Generator().manual_seed(seed + 40_000)
-    return torch.cat([
-        -log_joint_score(vae, c, prior, samples=args.samples, posterior="langevin",
-                         posterior_steps=stats["posterior_steps"],
-                         posterior_step_size=stats["posterior_step_size"], generator=gen)
+    parts = [
+        log_joint_score(vae, c, prior, samples=args.samples, posterior="langevin",
+                        posterior_steps=stats["posterior_steps"],
+                        posterior_step_size=stats["posterior_step_size"], generator=gen,
+                        return_energy=True)
         for c in x.split(1000)
-    ])  # fmt: skip
+    ]  # fmt: skip
+    return -torch.cat([s for s, _ in parts]).numpy(), torch.cat([f for _, f in parts]).numpy()
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -133,20 +141,35 @@ def run(args: argparse.Namespace) -> list[dict]:
                 # an EBM at another rate has its own folder; the Gaussian model is shared
                 other = model == "ebm_mle" and lr != DEFAULT_EBM_LR
                 folder = f"heldout{k}_ebm_lr{lr:g}" if other else f"heldout{k}"
-                vae, prior, stats = claim1.train(
-                    model, seed, x_all[train], args, os.path.join(args.out, "models", folder),
-                    prior_lr=lr if model == "ebm_mle" else None,
-                )  # fmt: skip
+                try:
+                    vae, prior, stats = claim1.train(
+                        model, seed, x_all[train], args, os.path.join(args.out, "models", folder),
+                        prior_lr=lr if model == "ebm_mle" else None,
+                    )  # fmt: skip
+                except FloatingPointError as e:  # the trainer's divergence checks
+                    row[f"diverged_{model.split('_')[0]}"] = str(e)
+                    break
                 t0 = time.time()
-                s_in = scores(vae, prior, x_all[test_in], stats, args, seed).numpy()
-                s_out = scores(vae, prior, x_all[test_out], stats, args, seed).numpy()
+                s_in, f_in = scores(vae, prior, x_all[test_in], stats, args, seed)
+                s_out, f_out = scores(vae, prior, x_all[test_out], stats, args, seed)
                 got[model] = (s_in, s_out)
                 name = model.split("_")[0]
                 row[f"auprc_{name}"] = auprc(s_in, s_out)
+                if prior is not None:  # the energy's share of the score: does it reorder?
+                    f = np.concatenate([f_in, f_out])
+                    row["f_sd_ebm"] = float(f.std())
+                    row["score_sd_ebm"] = float(np.concatenate([s_in, s_out]).std())
+                    row["auprc_ebm_without_f"] = auprc(s_in + f_in, s_out + f_out)
+                    row["auprc_f_only"] = auprc(-f_in, -f_out)
                 row[f"train_s_{name}"], row[f"score_s_{name}"] = stats["train_s"], time.time() - t0
                 for key in ("f_pos", "f_neg"):  # the energy at the last epoch's chains
                     if prior is not None and f"last_epoch_{key}" in stats:
                         row[f"{key}_{name}"] = stats[f"last_epoch_{key}"]
+            if len(got) < len(MODELS):  # a fit diverged: recorded (a rerun diverges again)
+                rows.append(row)
+                claim1.append_row(path, row)
+                print(f"  held-out {k} seed {seed}: a fit diverged ({row})", flush=True)
+                continue
             ci = paired_auroc_difference(
                 got["gaussian_mle"],
                 got["ebm_mle"],
@@ -169,6 +192,8 @@ def report(out: str) -> str:
     lines = []
     for epochs, lr in sorted({(r["epochs"], _lr(r)) for r in rows}):
         sub = [r for r in rows if r["epochs"] == epochs and _lr(r) == lr]
+        failed = [r for r in sub if "diff" not in r]
+        sub = [r for r in sub if "diff" in r]
         lines += [f"\n{epochs} epochs, energy learning rate {lr:g} (mean +- std over seeds; "
                   "paired difference EBM - Gaussian with its 95% t interval over seeds; "
                   "per-seed bootstrap intervals in the JSON lines; f at the last epoch's "
@@ -187,6 +212,32 @@ def report(out: str) -> str:
                 f"{claim1._ms([r['auprc_gaussian'] for r in rs], '.3f')} | "
                 f"{claim1._ms([r['auprc_ebm'] for r in rs], '.3f')} | {m:+.2f} +- {sd:.2f} | "
                 f"[{lo:+.2f}, {hi:+.2f}] | {fp} | {fg} |"
+            )
+        for r in failed:
+            why = " ".join(v for key, v in r.items() if key.startswith("diverged_"))
+            lines.append(
+                f"\nheld-out {r['k']} seed {r['seed']} is left out, its fit diverged: {why}"
+            )
+    share = [r for r in rows if "f_sd_ebm" in r]  # rows from before it was recorded: none
+    if share:
+        lines += ["\nThe energy's share of the EBM model's score at its own posterior samples "
+                  "(mean +- std over seeds): its spread over the test images against the "
+                  "score's, the AUPRC of the energy alone (-f as the score), and what "
+                  "removing f from the score at the same samples changes\n",
+                  "| held-out class | epochs | energy lr | seeds | sd of f | sd of the score | "
+                  "AUPRC of -f | AUPRC EBM - without f (x1e3) | 95% t interval (x1e3) |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for key in sorted({(r["k"], r["epochs"], _lr(r)) for r in share}):
+            rs = [r for r in share if (r["k"], r["epochs"], _lr(r)) == key]
+            m, sd, lo, hi = claim1.paired_interval(
+                [1e3 * (r["auprc_ebm"] - r["auprc_ebm_without_f"]) for r in rs]
+            )
+            lines.append(
+                f"| {key[0]} | {key[1]} | {key[2]:g} | {len(rs)} | "
+                f"{claim1._ms([r['f_sd_ebm'] for r in rs], '.2f')} | "
+                f"{claim1._ms([r['score_sd_ebm'] for r in rs], '.1f')} | "
+                f"{claim1._ms([r['auprc_f_only'] for r in rs], '.3f')} | "
+                f"{m:+.2f} +- {sd:.2f} | [{lo:+.2f}, {hi:+.2f}] |"
             )
     text = "\n".join(lines)
     with open(os.path.join(out, "anomaly.md"), "w") as f:

@@ -140,7 +140,12 @@ def test_anomaly_split_and_tiny_run(tmp_path):
         assert 0 < r["auprc_gaussian"] <= 1 and 0 < r["auprc_ebm"] <= 1
         assert r["diff_low"] <= r["diff"] <= r["diff_high"]
         assert r["diff"] == r["auprc_ebm"] - r["auprc_gaussian"]
+        # the energy's share of the EBM model's score at the same samples
+        assert r["f_sd_ebm"] > 0 and r["score_sd_ebm"] > 0
+        assert 0 < r["auprc_f_only"] <= 1 and 0 < r["auprc_ebm_without_f"] <= 1
+        assert "f_sd_gaussian" not in r
     assert "| 1 | 2 |" in out["tables"]
+    assert "| 1 | 1 | 2e-05 | 2 |" in out["tables"]  # class, epochs, rate, seeds
     assert anomaly.main(["--tiny", "--out", str(tmp_path)])["rows"] == []
     # another energy rate: its own EBM models, the same Gaussian ones (loaded, not retrained)
     fast = anomaly.main(["--tiny", "--seeds", "0", "--ebm-lr", "1e-3", "--out", str(tmp_path)])
@@ -151,6 +156,29 @@ def test_anomaly_split_and_tiny_run(tmp_path):
     assert "energy learning rate 0.001" in fast["tables"]
     assert "energy learning rate 2e-05" in fast["tables"]  # the default rate's table stays
     assert "f_pos_ebm" in row and "f_pos_gaussian" not in row
+
+
+def test_anomaly_records_a_diverged_fit(tmp_path, monkeypatch):
+    r"""A fit the trainer stops for divergence is a row saying so (not a crash that loses the
+    other seeds, not a silent gap); the report names it, and a rerun does not retry it."""
+
+    from benchmarks import anomaly, claim1
+
+    train = claim1.train
+
+    def diverging(model, seed, *a, **kw):
+        if model == "ebm_mle" and seed == 1:
+            raise FloatingPointError("Langevin diverged (in chunk 0 of training step 7)")
+        return train(model, seed, *a, **kw)
+
+    monkeypatch.setattr(claim1, "train", diverging)
+    out = anomaly.main(["--tiny", "--out", str(tmp_path)])
+    bad, good = sorted(out["rows"], key=lambda r: -r["seed"])
+    assert bad["seed"] == 1 and "training step 7" in bad["diverged_ebm"] and "diff" not in bad
+    assert good["seed"] == 0 and "diverged_ebm" not in good and "diff" in good
+    assert "| 1 | 1 |" in out["tables"]  # one seed in the table
+    assert "held-out 1 seed 1 is left out, its fit diverged: Langevin diverged" in out["tables"]
+    assert anomaly.main(["--tiny", "--out", str(tmp_path)])["rows"] == []
 
 
 def test_ceiling_tiny_and_the_gain_is_shift_invariant(tmp_path):
