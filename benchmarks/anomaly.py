@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                         prior_lr=lr if model == "ebm_mle" else None,
                     )  # fmt: skip
                 except FloatingPointError as e:  # the trainer's divergence checks
-                    row[f"diverged_{model.split('_')[0]}"] = str(e)
+                    why = " ".join([str(e), *getattr(e, "__notes__", [])])  # + training step
+                    row[f"diverged_{model.split('_')[0]}"] = why
                     break
                 t0 = time.time()
                 s_in, f_in = scores(vae, prior, x_all[test_in], stats, args, seed)

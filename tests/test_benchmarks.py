@@ -168,7 +168,9 @@ def test_anomaly_records_a_diverged_fit(tmp_path, monkeypatch):
 
     def diverging(model, seed, *a, **kw):
         if model == "ebm_mle" and seed == 1:
-            raise FloatingPointError("Langevin diverged (in chunk 0 of training step 7)")
+            e = FloatingPointError("Langevin diverged")
+            e.add_note("(in chunk 0 of training step 7)")  # as the trainer says where
+            raise e
         return train(model, seed, *a, **kw)
 
     monkeypatch.setattr(claim1, "train", diverging)
