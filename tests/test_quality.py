@@ -331,11 +331,12 @@ def test_fixed_epoch_scale_pairs_with_the_main_tables_ebm_row():
 
 def test_every_table_row_of_the_shipped_results_is_in_evaluation_md(tmp_path):
     """The JSON of the runs behind EVALUATION.md's newer tables ships in docs/results; each
-    folder's report (``quality.py``'s, or ``ceiling.py``'s for a ``ceiling.jsonl``, run on a
-    copy: it writes its table and figure) prints rows that are on that page verbatim (with "±"
-    for "+-"), so a number edited by hand or a report that changed its output is caught."""
+    folder's report (``quality.py``'s, or ``ceiling.py``'s for a ``ceiling.jsonl`` and
+    ``anomaly.py``'s for an ``anomaly.jsonl``, run on a copy: they write their tables and
+    figures) prints rows that are on that page verbatim (with "±" for "+-"), so a number edited
+    by hand or a report that changed its output is caught."""
 
-    from benchmarks import ceiling
+    from benchmarks import anomaly, ceiling
 
     root = Path(__file__).resolve().parents[1]
     folders = sorted(p for p in (root / "docs" / "results").iterdir() if p.is_dir())
@@ -343,10 +344,12 @@ def test_every_table_row_of_the_shipped_results_is_in_evaluation_md(tmp_path):
     page = (root / "EVALUATION.md").read_text()
     for folder in folders:
         with contextlib.redirect_stdout(io.StringIO()):
-            if (folder / "ceiling.jsonl").exists():
-                copy = tmp_path / folder.name
-                shutil.copytree(folder, copy)
-                text = ceiling.report(str(copy))
+            for name, bench in (("ceiling", ceiling), ("anomaly", anomaly)):
+                if (folder / f"{name}.jsonl").exists():
+                    copy = tmp_path / folder.name
+                    shutil.copytree(folder, copy)
+                    text = bench.report(str(copy))
+                    break
             else:
                 text = quality.report(str(folder))
         rows = [x for x in text.splitlines() if x.startswith("| ") and " +- " in x]
