@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                    "anomalies": len(test_out)}  # fmt: skip
             got = {}
             for model in MODELS:
+                name = model.split("_")[0]
                 # an EBM at another rate has its own folder; the Gaussian model is shared
                 other = model == "ebm_mle" and lr != DEFAULT_EBM_LR
                 folder = f"heldout{k}_ebm_lr{lr:g}" if other else f"heldout{k}"
@@ -147,44 +148,42 @@ def run(args: argparse.Namespace) -> list[dict]:
                         prior_lr=lr if model == "ebm_mle" else None,
                     )  # fmt: skip
                 except FloatingPointError as e:  # the trainer's divergence checks
-                    why = " ".join([str(e), *getattr(e, "__notes__", [])])  # + training step
-                    row[f"diverged_{model.split('_')[0]}"] = why
-                    break
+                    row[f"diverged_{name}"] = " ".join([str(e), *getattr(e, "__notes__", [])])
+                    break  # recorded: resuming would diverge again
                 t0 = time.time()
                 s_in, f_in = scores(vae, prior, x_all[test_in], stats, args, seed)
                 s_out, f_out = scores(vae, prior, x_all[test_out], stats, args, seed)
                 got[model] = (s_in, s_out)
-                name = model.split("_")[0]
                 row[f"auprc_{name}"] = auprc(s_in, s_out)
-                if prior is not None:  # the energy's share of the score: does it reorder?
-                    f = np.concatenate([f_in, f_out])
-                    row["f_sd_ebm"] = float(f.std())
-                    row["score_sd_ebm"] = float(np.concatenate([s_in, s_out]).std())
-                    row["auprc_ebm_without_f"] = auprc(s_in + f_in, s_out + f_out)
-                    row["auprc_f_only"] = auprc(-f_in, -f_out)
                 row[f"train_s_{name}"], row[f"score_s_{name}"] = stats["train_s"], time.time() - t0
-                for key in ("f_pos", "f_neg"):  # the energy at the last epoch's chains
-                    if prior is not None and f"last_epoch_{key}" in stats:
+                if prior is None:
+                    continue
+                # the energy's share of the score (does it reorder?), and its value at the
+                # last epoch's chains
+                row["f_sd_ebm"] = float(np.concatenate([f_in, f_out]).std())
+                row["score_sd_ebm"] = float(np.concatenate([s_in, s_out]).std())
+                row["auprc_ebm_without_f"] = auprc(s_in + f_in, s_out + f_out)
+                row["auprc_f_only"] = auprc(-f_in, -f_out)
+                for key in ("f_pos", "f_neg"):
+                    if f"last_epoch_{key}" in stats:
                         row[f"{key}_{name}"] = stats[f"last_epoch_{key}"]
-            if len(got) < len(MODELS):  # a fit diverged: recorded (a rerun diverges again)
-                rows.append(row)
-                claim1.append_row(path, row)
+            if len(got) == len(MODELS):
+                ci = paired_auroc_difference(
+                    got["gaussian_mle"],
+                    got["ebm_mle"],
+                    resamples=args.resamples,
+                    seed=seed,
+                    metric="auprc",
+                )
+                row.update(diff=ci.difference, diff_low=ci.low, diff_high=ci.high)  # fmt: skip
+                row["positive_rate"] = len(test_out) / (len(test_in) + len(test_out))
+                print(f"  held-out {k} seed {seed}: AUPRC Gaussian {row['auprc_gaussian']:.3f}, "
+                      f"EBM {row['auprc_ebm']:.3f}, EBM - Gaussian {ci.difference:+.3f} "
+                      f"[{ci.low:+.3f}, {ci.high:+.3f}]", flush=True)  # fmt: skip
+            else:
                 print(f"  held-out {k} seed {seed}: a fit diverged ({row})", flush=True)
-                continue
-            ci = paired_auroc_difference(
-                got["gaussian_mle"],
-                got["ebm_mle"],
-                resamples=args.resamples,
-                seed=seed,
-                metric="auprc",
-            )
-            row.update(diff=ci.difference, diff_low=ci.low, diff_high=ci.high)  # fmt: skip
-            row["positive_rate"] = len(test_out) / (len(test_in) + len(test_out))
             rows.append(row)
             claim1.append_row(path, row)
-            print(f"  held-out {k} seed {seed}: AUPRC Gaussian {row['auprc_gaussian']:.3f}, EBM "
-                  f"{row['auprc_ebm']:.3f}, EBM - Gaussian {ci.difference:+.3f} "
-                  f"[{ci.low:+.3f}, {ci.high:+.3f}]", flush=True)  # fmt: skip
     return rows
 
 
