@@ -44,6 +44,14 @@ back afterwards), the names of :data:`PATCHES`:
   validation and test set: ``dvae_run.py`` scores up to 10000 examples of every validation set
   once per latent group at each test epoch, and its AUROC code subsamples as many examples per
   set as the smallest set *has*, so the sets themselves are cut, not just their loaders.
+* ``init_from`` (only with ``--init-from DIR``): the model class named by ``--model`` loads the
+  weights of an earlier run's checkpoint folder right after ``dvae_run.py`` builds it, so a
+  model can be trained in pieces (``dvae_run.py`` has no resume). The folder must name the same
+  class and hold the same constructor arguments (checked, key by key). What does *not* carry
+  over, because ``dvae_run.py`` keeps it in memory only: Adam's moments, the epoch count and with
+  it the KL warm-up and free-nats schedules (pass ``--warmup_epochs 0 --free_nats 0`` to go on
+  after them), and the best validation ELBO (the first test epoch of a piece always saves, into
+  the piece's own new folder).
 
 Nothing else of ``dvae_run.py`` changes: model, optimiser, warm-up, free nats, logs
 (``dvae.log``), figures and the checkpoint folder it writes (``SAVE_DIR/<first training
@@ -80,6 +88,7 @@ __all__ = [
 import argparse
 import builtins
 import contextlib
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -94,12 +103,13 @@ import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
 from ._launch import clone_on_path, replace_attr, split_argv
 
 #: the names of the launcher's patches (see the module's docstring)
-PATCHES: tuple[str, ...] = ("rich", "data_dir", "data_loaders")
+PATCHES: tuple[str, ...] = ("rich", "data_dir", "data_loaders", "init_from")
 #: torchvision classes whose raw files ``--data-from-packages`` writes, with the images they hold
 _PACKAGED = {"MNIST": "mnist", "FashionMNIST": "fashion-mnist"}
 _DATASET_OPTIONS = ("--train_datasets", "--val_datasets", "--test_datasets")
@@ -150,6 +160,7 @@ def _dvae_options(dvae_args: Sequence[str]) -> argparse.Namespace:
     """
 
     p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", default="VAE")
     p.add_argument("--save_dir", default="./models")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--data_workers", type=int, default=2)
@@ -341,6 +352,69 @@ def _recreate_dataloaders(original: Any, max_steps: int | None, val_examples: in
     return recreate_dataloaders
 
 
+#: the three files of an hvae-oodd checkpoint folder (``BaseModule.save``)
+_CHECKPOINT_FILES = ("model_class_name.pt", "model_kwargs.pt", "model_state_dict.pt")
+
+
+def _read_init(path: str | os.PathLike, model: str) -> tuple[dict, dict]:
+    r"""``(constructor arguments, state dict)`` of the checkpoint folder ``path``, which must
+    hold a model of class ``model`` (``dvae_run.py``'s ``--model``); read with
+    ``torch.load(weights_only=True)``."""
+
+    path = os.fspath(path)
+    missing = [f for f in _CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise OODDTrainError(
+            f"--init-from {path} is not an hvae-oodd checkpoint folder: missing {missing}"
+        )
+    name, kwargs, state = (torch.load(os.path.join(path, f), map_location="cpu",
+                                      weights_only=True) for f in _CHECKPOINT_FILES)  # fmt: skip
+    if name != model:
+        raise OODDTrainError(
+            f"--init-from {path} holds a {name!r} model, but dvae_run.py builds --model {model!r}"
+        )
+    return dict(kwargs), state
+
+
+def _flat(kwargs: dict) -> dict:
+    r"""hvae-oodd's saved constructor arguments with the nested ``kwargs`` entry spread out."""
+
+    out = dict(kwargs)
+    inner = out.pop("kwargs", None) or {}
+    return {**out, **inner}
+
+
+def _init_from(cls: type, path: str, kwargs: dict, state: dict) -> Any:
+    r"""``cls.__init__`` followed, for ``cls`` itself, by loading ``state`` once the
+    constructor arguments are checked against ``kwargs``."""
+
+    init, kwargs = cls.__init__, _flat(kwargs)
+
+    @functools.wraps(init)  # hvae-oodd reads the argument names from the signature
+    def __init__(self: Any, *args: Any, **kw: Any) -> None:
+        init(self, *args, **kw)
+        if type(self) is not cls:
+            return
+        built = _flat(self.init_arguments())
+        differ = sorted(k for k in set(built) | set(kwargs)
+                        if repr(built.get(k)) != repr(kwargs.get(k)))  # fmt: skip
+        if differ:
+            first = differ[0]
+            raise OODDTrainError(
+                f"--init-from {path}: the model dvae_run.py builds differs from the checkpoint's "
+                f"in {differ} (e.g. {first}: {built.get(first)!r} here, {kwargs.get(first)!r} "
+                "there); give dvae_run.py the checkpoint's architecture arguments"
+            )
+        self.load_state_dict(state)
+        print(
+            f"{_LOG_PREFIX} {cls.__name__} initialised from {path} ({len(state)} tensors); "
+            "Adam's moments, the epoch count and the warm-up schedules start afresh",
+            flush=True,
+        )
+
+    return __init__
+
+
 @contextlib.contextmanager
 def _patched(
     root: str,
@@ -348,6 +422,7 @@ def _patched(
     data_dir: str | None = None,
     max_steps: int | None = None,
     val_examples: int | None = None,
+    start: tuple[str, str, dict, dict] | None = None,
 ) -> Iterator[None]:
     r"""Applies :data:`PATCHES` (except ``disable``) with the clone importable; undoes all."""
 
@@ -371,6 +446,12 @@ def _patched(
             module = importlib.import_module("oodd.datasets.data_module").DataModule
             wrapped = _recreate_dataloaders(module.recreate_dataloaders, max_steps, val_examples)
             replace_attr(stack, module, "recreate_dataloaders", wrapped)
+        if "init_from" in on and start is not None:
+            model, path, kwargs, state = start  # from _read_init
+            cls = getattr(importlib.import_module("oodd.models.dvae"), model, None)
+            if not isinstance(cls, type):
+                raise OODDTrainError(f"hvae-oodd has no model {model!r} (in oodd.models.dvae)")
+            replace_attr(stack, cls, "__init__", _init_from(cls, path, kwargs, state))
         yield
 
 
@@ -390,6 +471,7 @@ def run_dvae(
     data_dir: str | os.PathLike | None = None,
     max_steps_per_epoch: int | None = None,
     val_examples: int | None = None,
+    init_from: str | os.PathLike | None = None,
     disable: Sequence[str] = (),
 ) -> str:
     r"""Runs the clone's ``scripts/dvae_run.py`` with ``dvae_args``; returns the folder it
@@ -403,6 +485,8 @@ def run_dvae(
         data_dir: hvae-oodd's data folder (default: the clone's ``data/``).
         max_steps_per_epoch: Cut each training epoch to its first N batches.
         val_examples: Keep the first M examples of each validation and test set.
+        init_from: An earlier run's checkpoint folder whose weights the model starts from (the
+            ``init_from`` patch: same ``--model`` and architecture arguments).
         disable: Names of :data:`PATCHES` to leave out (to check that each is still needed).
 
     Raises:
@@ -433,12 +517,15 @@ def run_dvae(
             f"dvae_run.py saves the model at test epochs only: --epochs {opts.epochs} < "
             f"--test_every {opts.test_every} would write no checkpoint"
         )
+    start = None
+    if init_from is not None:
+        start = (opts.model, os.fspath(init_from), *_read_init(init_from, opts.model))
     folder = os.fspath(data_dir) if data_dir is not None else os.path.join(root, "data")
     argv = sys.argv
     script = os.path.join(root, "scripts", "dvae_run.py")
     sys.argv = [script, *dvae_args]
     try:
-        with _patched(root, disable, data_dir, max_steps_per_epoch, val_examples):
+        with _patched(root, disable, data_dir, max_steps_per_epoch, val_examples, start):
             if data_from_packages:
                 sources = _torchvision_sources(dataset_names(dvae_args))
                 written = []
@@ -505,6 +592,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="keep the first M examples of each validation/test set (at least --batch_size)",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        default=None,
+        help="start from the weights of this checkpoint folder of an earlier run (same --model "
+        "and architecture; the optimiser and schedules start afresh)",
+    )
     return p
 
 
@@ -523,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             data_dir=args.data_dir,
             max_steps_per_epoch=args.max_steps_per_epoch,
             val_examples=args.val_examples,
+            init_from=args.init_from,
         )
     except OODDTrainError as e:
         p.error(str(e))

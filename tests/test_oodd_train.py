@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -183,6 +184,17 @@ def test_clear_errors(tmp_path, monkeypatch):
         run_dvae(TINY, oodd_root=tmp_path, max_steps_per_epoch=0)
     with pytest.raises(OODDTrainError, match="unknown patches"):
         run_dvae(TINY, oodd_root=tmp_path, disable=["no_such_patch"])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save("LVAE", ckpt / "model_class_name.pt")
+    with pytest.raises(OODDTrainError, match=r"not an hvae-oodd checkpoint folder: missing "
+                       r"\['model_kwargs.pt', 'model_state_dict.pt'\]"):  # fmt: skip
+        run_dvae(TINY, oodd_root=tmp_path, init_from=ckpt)
+    torch.save({}, ckpt / "model_kwargs.pt")
+    torch.save({}, ckpt / "model_state_dict.pt")
+    with pytest.raises(OODDTrainError, match="holds a 'LVAE' model, but dvae_run.py builds "
+                       "--model 'VAE'"):  # fmt: skip
+        run_dvae([*TINY, "--model", "VAE"], oodd_root=tmp_path, init_from=ckpt)
 
 
 # -- hvae-oodd's dvae_run.py on a CPU ----------------------------------------------------------
@@ -194,11 +206,13 @@ def _env() -> dict:
     return env
 
 
-def _launch(tmp, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    args = [*TINY, "--save_dir", str(tmp / "models")]
+def _launch(
+    tmp, *extra: str, dvae: Sequence[str] = (), data=None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    args = [*TINY, "--save_dir", str(tmp / "models"), *dvae]
     cmd = [
         sys.executable, "-m", "ebm_prior.adapters.oodd_train", "--oodd-root", OODD_ROOT,
-        "--data-dir", str(tmp / "data"), *extra, "--", *args,
+        "--data-dir", str((data or tmp) / "data"), *extra, "--", *args,
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
 
@@ -331,5 +345,45 @@ def test_without_packaged_data_the_run_tries_to_download(tmp_path):
     assert re.search(r"(?i)download", result), result
 
 
+@needs_oodd
+def test_init_from_trains_on_from_the_checkpoint(tiny_run, tmp_path):
+    """dvae_run.py has no resume: a piece started with --init-from at learning rate 0 saves
+    exactly the weights of the checkpoint it started from, where the same piece without it saves
+    its own fresh initialisation; a piece with another architecture is refused, naming it."""
+
+    tmp, _ = tiny_run
+    (first,) = list((tmp / "models").iterdir())
+    start = torch.load(first / "model_state_dict.pt", weights_only=True)
+    cut = ("--max-steps-per-epoch", "2", "--val-examples", str(VAL))
+    saved = {}
+    for name, extra in (("resumed", ("--init-from", str(first))), ("fresh", ())):
+        out = _launch(tmp_path / name, *cut, *extra, dvae=("--learning_rate", "0"), data=tmp)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+        assert (f"oodd_train: LVAE initialised from {first} ({len(start)} tensors)"
+                in out.stdout) == (name == "resumed"), out.stdout[-3000:]  # fmt: skip
+        (folder,) = list((tmp_path / name / "models").iterdir())
+        saved[name] = torch.load(folder / "model_state_dict.pt", weights_only=True)
+    assert saved["resumed"].keys() == start.keys()
+    for key, value in start.items():
+        assert torch.equal(saved["resumed"][key], value), key
+    assert any(
+        not torch.equal(saved["fresh"][k], v) for k, v in start.items() if v.is_floating_point()
+    )
+    other = [json.dumps([
+        {"block": "GaussianConv2d", "latent_features": 3, "weightnorm": True},
+        {"block": "GaussianDense", "latent_features": 4, "weightnorm": True},
+    ]) if a == TINY[TINY.index("--config_stochastic") + 1] else a for a in TINY]  # fmt: skip
+    result = _run_in_subprocess(
+        [*other, "--save_dir", str(tmp_path / "other")],
+        oodd_root=OODD_ROOT,
+        data_dir=str(tmp / "data"),
+        init_from=str(first),
+    )
+    assert result.startswith(
+        f"OODDTrainError: --init-from {first}: the model dvae_run.py builds differs from the "
+        "checkpoint's in ['config_stochastic']"
+    ), result
+
+
 def test_patch_names():
-    assert PATCHES == ("rich", "data_dir", "data_loaders")
+    assert PATCHES == ("rich", "data_dir", "data_loaders", "init_from")
