@@ -45,6 +45,15 @@ put back afterwards), the names of :data:`PATCHES`:
   its time per batch. Other loaders (a second one over the same data set, those built anywhere
   else) are left alone.
 
+* ``init_from`` (only with ``--init-from LOGDIR``): biva-pytorch's ``DeepVae`` loads the weights
+  of an earlier session (``LOGDIR/model.pth``, the weight average it saved) right after
+  ``run_deepvae.py`` builds it, once its constructor arguments are checked against that
+  session's ``hyperparameters.p`` key by key (a difference is an error naming the keys). The
+  script copies the model for its weight average after that, so the average starts from the
+  same weights, and the loaded weight-norm layers skip their data-dependent initialisation.
+  ``run_deepvae.py`` has no resume: this trains a model on in pieces, each a session of its own
+  (see docs/biva.md, "Training in pieces").
+
 Nothing else of ``run_deepvae.py`` changes: optimiser, learning rate, free bits, EMA, logs
 (``run.log``), tensorboard files, sample grids and the session it writes
 (``ROOT/binmnist-<model_type>-seed<seed>[-<id>]``: ``config.json``, ``hyperparameters.p``,
@@ -79,13 +88,16 @@ __all__ = [
     "BIVATrainError",
     "main",
     "run_deepvae",
+    "session_dir",
     "write_binmnist",
 ]
 
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
+import inspect
 import io
 import itertools
 import json
@@ -95,6 +107,7 @@ import pickle
 import runpy
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -104,7 +117,7 @@ import torch.utils.data
 from ._launch import clone_on_path, replace_attr, split_argv
 
 #: the names of the launcher's patches (see the module's docstring)
-PATCHES: tuple[str, ...] = ("architecture", "terminal_size", "data_loaders")
+PATCHES: tuple[str, ...] = ("architecture", "terminal_size", "data_loaders", "init_from")
 _IMAGES = ("mnist", "fashion-mnist")
 _LOG_PREFIX = "biva_train:"
 #: ``run_deepvae.py``'s data sets (names of its globals) -> what the launcher calls their passes
@@ -346,6 +359,79 @@ def _cut_loader_class(script: str, limits: dict[str, int | None]) -> type:
     return DataLoader
 
 
+def _read_init(path: str | os.PathLike) -> tuple[dict, dict]:
+    r"""``(DeepVae keyword arguments, state dict)`` of the session folder ``path``, read safely
+    (:func:`ebm_prior.adapters.biva.load_hyperparameters`, ``torch.load(weights_only=True)``)."""
+
+    from ebm_prior.adapters.biva import load_hyperparameters
+
+    path = os.fspath(path)
+    missing = [f for f in ("hyperparameters.p", "model.pth")
+               if not os.path.isfile(os.path.join(path, f))]  # fmt: skip
+    if missing:
+        raise BIVATrainError(
+            f"--init-from {path} is not a run_deepvae.py session folder: missing {missing}"
+        )
+    hyper = load_hyperparameters(os.path.join(path, "hyperparameters.p"))
+    state = torch.load(os.path.join(path, "model.pth"), map_location="cpu", weights_only=True)
+    return dict(hyper), state
+
+
+def _describe(value: Any) -> Any:
+    r"""``value`` with classes and functions as their qualified names (biva-pytorch's stages are
+    functions, whose ``repr`` holds an address) and tuples as lists, for comparing the
+    arguments of two runs."""
+
+    if isinstance(value, (type, types.FunctionType)):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, dict):
+        return {k: _describe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    return repr(value)
+
+
+def _init_from(cls: type, path: str, hyper: dict, state: dict) -> Callable[..., None]:
+    r"""``cls.__init__`` followed, for ``cls`` itself, by loading ``state`` once the constructor
+    arguments (defaults filled in) are checked against ``hyper``, the session's."""
+
+    init = cls.__init__
+    signature = inspect.signature(init)
+
+    def arguments(self: Any, args: tuple, kwargs: dict) -> dict[str, str]:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        named = dict(bound.arguments)
+        named.pop(next(iter(signature.parameters)))  # self
+        for name, p in signature.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:  # DeepVae(**kwargs): spread them out
+                named.update(named.pop(name, {}))
+        return {k: _describe(v) for k, v in named.items()}
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self) is not cls:
+            return
+        built, saved = arguments(self, args, kwargs), arguments(self, (), hyper)
+        differ = sorted(k for k in set(built) | set(saved) if built.get(k) != saved.get(k))
+        if differ:
+            first = differ[0]
+            raise BIVATrainError(
+                f"--init-from {path}: the model run_deepvae.py builds differs from the session's "
+                f"in {differ} (e.g. {first}: {built.get(first)} here, {saved.get(first)} there); "
+                "give the launcher and run_deepvae.py that session's architecture options"
+            )
+        self.load_state_dict(state)
+        print(
+            f"{_LOG_PREFIX} {cls.__name__} initialised from {path} ({len(state)} tensors); "
+            "Adamax's moments, the learning-rate decay and the best-ELBO record start afresh",
+            flush=True,
+        )
+
+    return __init__
+
+
 @contextlib.contextmanager
 def _biva_on_path(root: str) -> Iterator[None]:
     r"""The clone first on ``sys.path`` (as for ``python run_deepvae.py``) with ``biva`` free to
@@ -367,8 +453,10 @@ def _patched(
     steps_per_epoch: int | None = None,
     valid_batches: int | None = None,
     test_batches: int | None = None,
+    start: tuple[str, dict, dict] | None = None,
 ) -> Iterator[None]:
-    r"""Applies :data:`PATCHES` (except ``disable``) with the clone importable; undoes all."""
+    r"""Applies :data:`PATCHES` (except ``disable``) with the clone importable; undoes all.
+    ``start``: ``(path, hyperparameters, state dict)`` for ``init_from``."""
 
     unknown = set(disable) - set(PATCHES)
     if unknown:
@@ -398,6 +486,9 @@ def _patched(
             }
             cut = _cut_loader_class(os.path.realpath(script), limits)
             replace_attr(stack, torch.utils.data, "DataLoader", cut)
+        if "init_from" in on and start is not None:
+            cls = importlib.import_module("biva.model").DeepVae
+            replace_attr(stack, cls, "__init__", _init_from(cls, *start))
         yield
 
 
@@ -432,7 +523,21 @@ def _script_options(script_args: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--bs", type=int, default=48)
     p.add_argument("--epochs", type=int, default=500)
     p.add_argument("--iw_samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--id", default="")
+    p.add_argument("--beta", type=float, default=1.0)
     return p.parse_known_args(list(script_args))[0]
+
+
+def session_dir(script_args: Sequence[str]) -> str:
+    r"""The session folder ``run_deepvae.py`` writes with ``script_args``:
+    ``ROOT/<dataset>-<model_type>-seed<seed>[-<id>][-<beta>]``."""
+
+    o = _script_options(script_args)
+    run_id = f"{o.dataset}-{o.model_type}-seed{o.seed}"
+    run_id += f"-{o.id}" if o.id else ""
+    run_id += f"-{o.beta}" if o.beta != 1 else ""
+    return os.path.join(o.root, run_id)
 
 
 def _check_session(logdir: str, architecture: Architecture | None) -> None:
@@ -465,6 +570,7 @@ def run_deepvae(
     steps_per_epoch: int | None = None,
     valid_batches: int | None = None,
     test_batches: int | None = None,
+    init_from: str | os.PathLike | None = None,
     disable: Sequence[str] = (),
 ) -> str:
     r"""Runs the clone's ``run_deepvae.py`` with ``script_args``; returns its session folder.
@@ -479,6 +585,9 @@ def run_deepvae(
         steps_per_epoch: Cut each training epoch to its first N batches.
         valid_batches: Cut each validation pass (after every epoch) to its first M batches.
         test_batches: Cut the final importance-weighted test to its first K batches.
+        init_from: An earlier session folder whose weights the model starts from (the
+            ``init_from`` patch: same architecture and ``run_deepvae.py`` model options; the
+            new session must be another folder: another ``--id``, ``--seed`` or ``--root``).
         disable: Names of :data:`PATCHES` to leave out (to check that each is still needed).
 
     Raises:
@@ -508,6 +617,16 @@ def run_deepvae(
     unknown = set(disable) - set(PATCHES)
     if unknown:
         raise BIVATrainError(f"unknown patches {sorted(unknown)}; known: {list(PATCHES)}")
+    start = None
+    if init_from is not None:
+        path = os.fspath(init_from)
+        if os.path.realpath(path) == os.path.realpath(session_dir(script_args)):
+            raise BIVATrainError(
+                f"--init-from {path} is the session folder this run writes (its model.pth would "
+                "be overwritten by the first epoch): give run_deepvae.py another --id, --seed "
+                "or --root"
+            )
+        start = (path, *_read_init(path))
     script = os.path.join(root, "run_deepvae.py")
     if data_from_packages is not None:
         written = write_binmnist(opts.data_root, data_from_packages, binarize_seed)
@@ -535,9 +654,8 @@ def run_deepvae(
     argv = sys.argv
     sys.argv = [script, *script_args]
     try:
-        with _patched(
-            root, script, architecture, disable, steps_per_epoch, valid_batches, test_batches
-        ):
+        with _patched(root, script, architecture, disable, steps_per_epoch, valid_batches,
+                      test_batches, start):  # fmt: skip
             run_globals = runpy.run_path(script, run_name="__main__")
     finally:
         sys.argv = argv
@@ -553,6 +671,7 @@ def run_deepvae(
         "steps_per_epoch": steps_per_epoch,
         "valid_batches": valid_batches,
         "test_batches": test_batches,
+        "init_from": None if init_from is None else os.fspath(init_from),
         "disabled_patches": list(disable),
         "run_deepvae_args": list(script_args),
     }
@@ -651,6 +770,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="cut the final importance-weighted test to its first K batches",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="LOGDIR",
+        default=None,
+        help="start from the weights of an earlier session folder (same architecture options); "
+        "run_deepvae.py has no resume, so a model trains on in pieces",
+    )
     return p
 
 
@@ -672,6 +798,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             steps_per_epoch=args.steps_per_epoch,
             valid_batches=args.valid_batches,
             test_batches=args.test_batches,
+            init_from=args.init_from,
         )
     except BIVATrainError as e:
         p.error(str(e))

@@ -31,6 +31,7 @@ from ebm_prior.adapters.biva_train import (  # noqa: E402
     _patched,
     main,
     run_deepvae,
+    session_dir,
     write_binmnist,
 )
 from ebm_prior.apps import data as _data  # noqa: E402
@@ -284,7 +285,29 @@ def test_clear_errors(tmp_path, monkeypatch):
 
 
 def test_patch_names():
-    assert PATCHES == ("architecture", "terminal_size", "data_loaders")
+    assert PATCHES == ("architecture", "terminal_size", "data_loaders", "init_from")
+
+
+def test_session_dir():
+    """The session folder run_deepvae.py writes, from its options (its run_id)."""
+
+    assert session_dir([]) == os.path.join("runs/", "binmnist-biva-seed42")
+    args = ["--root", "r", "--model_type", "lvae", "--seed", "3", "--id", "p2", "--beta", "0.5"]
+    assert session_dir(args) == os.path.join("r", "binmnist-lvae-seed3-p2-0.5")
+    assert session_dir(["--root", "r", "--beta", "1"]) == os.path.join("r", "binmnist-biva-seed42")
+
+
+def test_init_from_errors(tmp_path):
+    """A folder without a session, or the very folder the run writes, is refused before the
+    script runs."""
+
+    (tmp_path / "run_deepvae.py").write_text("raise SystemExit('must not run')")
+    with pytest.raises(BIVATrainError, match=r"not a run_deepvae.py session folder: missing"):
+        run_deepvae([], biva_root=tmp_path, init_from=tmp_path)
+    args = ["--root", str(tmp_path), "--id", "a"]
+    session = tmp_path / "binmnist-biva-seed42-a"
+    with pytest.raises(BIVATrainError, match="is the session folder this run writes"):
+        run_deepvae(args, biva_root=tmp_path, init_from=session)
 
 
 # -- biva-pytorch's run_deepvae.py on a CPU (opt-in) ---------------------------------------------
@@ -403,3 +426,47 @@ def test_run_deepvae_needs_the_terminal_stand_in(tiny_run, tmp_path):
     assert "RESULT " in out.stdout, out.stderr[-5000:]
     result = out.stdout.split("RESULT ", 1)[1].strip()
     assert result == "OSError: [Errno 25] Inappropriate ioctl for device", result
+
+
+def _result(out: subprocess.CompletedProcess) -> str:
+    assert "RESULT " in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]
+    return out.stdout.split("RESULT ", 1)[1].strip()
+
+
+def _state(logdir) -> dict:
+    return torch.load(os.path.join(logdir, "model.pth"), map_location="cpu", weights_only=True)
+
+
+@needs_biva_clone
+def test_init_from_trains_on_from_the_session(tiny_run, tmp_path):
+    """A piece started from the tiny run's session with the weight average frozen (``--ema 1``)
+    saves exactly the weights it started from; the same piece without ``--init-from`` does not
+    (its average is a fresh model); another architecture is refused, naming what differs."""
+
+    tmp, args, _ = tiny_run
+    before = tmp / "runs" / "binmnist-biva-seed42"
+    args = [*args[: args.index("--root")], "--root", str(tmp_path), "--epochs", "1", "--ema", "1"]
+    kwargs = {"biva_root": BIVA_ROOT, "steps_per_epoch": 2, "valid_batches": 1,
+              "test_batches": 1}  # fmt: skip
+    for init, run_id in ((str(before), "piece"), (None, "fresh")):
+        cmd = [sys.executable, "-c", _RUN, json.dumps([*args, "--id", run_id]),
+               json.dumps({**kwargs, "init_from": init})]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+        assert _result(out) == "ran"
+        assert ("initialised from" in out.stdout) == (init is not None), out.stdout[-3000:]
+    piece_dir, fresh_dir = (tmp_path / f"binmnist-biva-seed42-{i}" for i in ("piece", "fresh"))
+    start, piece, fresh = (_state(d) for d in (before, piece_dir, fresh_dir))
+    assert start.keys() == piece.keys() == fresh.keys()
+    assert all(torch.equal(start[k], piece[k]) for k in start)
+    weights = [k for k in start if start[k].is_floating_point() and start[k].numel() > 1]
+    assert sum(not torch.equal(start[k], fresh[k]) for k in weights) > len(weights) // 2
+    record = json.loads((piece_dir / "biva_train.json").read_text())
+    assert record["init_from"] == str(before)
+
+    other = _RUN.replace("Architecture((8, 4), 8, 1)", "Architecture((8, 4), 4, 1)")
+    cmd = [sys.executable, "-c", other, json.dumps([*args, "--id", "other"]),
+           json.dumps({**kwargs, "init_from": str(before)})]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    result = _result(out)
+    assert result.startswith("BIVATrainError: --init-from "), result
+    assert "differs from the session's in ['stages']" in result, result
