@@ -453,10 +453,9 @@ def _patched(
     steps_per_epoch: int | None = None,
     valid_batches: int | None = None,
     test_batches: int | None = None,
-    start: tuple[str, dict, dict] | None = None,
+    init_from: str | None = None,
 ) -> Iterator[None]:
-    r"""Applies :data:`PATCHES` (except ``disable``) with the clone importable; undoes all.
-    ``start``: ``(path, hyperparameters, state dict)`` for ``init_from``."""
+    r"""Applies :data:`PATCHES` (except ``disable``) with the clone importable; undoes all."""
 
     unknown = set(disable) - set(PATCHES)
     if unknown:
@@ -486,9 +485,10 @@ def _patched(
             }
             cut = _cut_loader_class(os.path.realpath(script), limits)
             replace_attr(stack, torch.utils.data, "DataLoader", cut)
-        if "init_from" in on and start is not None:
+        if "init_from" in on and init_from is not None:
+            hyper, state = _read_init(init_from)  # unpickled with the clone's biva classes
             cls = importlib.import_module("biva.model").DeepVae
-            replace_attr(stack, cls, "__init__", _init_from(cls, *start))
+            replace_attr(stack, cls, "__init__", _init_from(cls, init_from, hyper, state))
         yield
 
 
@@ -617,16 +617,15 @@ def run_deepvae(
     unknown = set(disable) - set(PATCHES)
     if unknown:
         raise BIVATrainError(f"unknown patches {sorted(unknown)}; known: {list(PATCHES)}")
-    start = None
-    if init_from is not None:
-        path = os.fspath(init_from)
-        if os.path.realpath(path) == os.path.realpath(session_dir(script_args)):
-            raise BIVATrainError(
-                f"--init-from {path} is the session folder this run writes (its model.pth would "
-                "be overwritten by the first epoch): give run_deepvae.py another --id, --seed "
-                "or --root"
-            )
-        start = (path, *_read_init(path))
+    init_from = None if init_from is None else os.fspath(init_from)
+    if init_from is not None and (
+        os.path.realpath(init_from) == os.path.realpath(session_dir(script_args))
+    ):
+        raise BIVATrainError(
+            f"--init-from {init_from} is the session folder this run writes (its model.pth would "
+            "be overwritten by the first epoch): give run_deepvae.py another --id, --seed or "
+            "--root"
+        )
     script = os.path.join(root, "run_deepvae.py")
     if data_from_packages is not None:
         written = write_binmnist(opts.data_root, data_from_packages, binarize_seed)
@@ -655,7 +654,7 @@ def run_deepvae(
     sys.argv = [script, *script_args]
     try:
         with _patched(root, script, architecture, disable, steps_per_epoch, valid_batches,
-                      test_batches, start):  # fmt: skip
+                      test_batches, init_from):  # fmt: skip
             run_globals = runpy.run_path(script, run_name="__main__")
     finally:
         sys.argv = argv
@@ -671,7 +670,7 @@ def run_deepvae(
         "steps_per_epoch": steps_per_epoch,
         "valid_batches": valid_batches,
         "test_batches": test_batches,
-        "init_from": None if init_from is None else os.fspath(init_from),
+        "init_from": init_from,
         "disabled_patches": list(disable),
         "run_deepvae_args": list(script_args),
     }
