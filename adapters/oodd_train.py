@@ -517,6 +517,14 @@ def run_dvae(
             f"dvae_run.py saves the model at test epochs only: --epochs {opts.epochs} < "
             f"--test_every {opts.test_every} would write no checkpoint"
         )
+    train, val = (_dataset_names(v) for v in (opts.train_datasets, opts.val_datasets))
+    if val and train and val[0] not in train:
+        print(
+            f"{_LOG_PREFIX} note: dvae_run.py saves the model when the ELBO on the first "
+            f"--val_datasets entry improves, here {val[0]}, which is not a training set "
+            f"({', '.join(train)}); list the training set first to keep its best model",
+            flush=True,
+        )
     start = None
     if init_from is not None:
         start = (opts.model, os.fspath(init_from), *_read_init(init_from, opts.model))

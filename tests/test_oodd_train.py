@@ -197,6 +197,24 @@ def test_clear_errors(tmp_path, monkeypatch):
         run_dvae([*TINY, "--model", "VAE"], oodd_root=tmp_path, init_from=ckpt)
 
 
+def test_note_when_the_first_validation_set_is_not_a_training_set(tmp_path, capsys):
+    """dvae_run.py keeps the model with the best ELBO on its first validation set; the launcher
+    says so when that set is not one it trains on (the run goes on: it may be meant)."""
+
+    for name in ("scripts", "oodd/datasets", "oodd/models"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "scripts" / "dvae_run.py").write_text("raise SystemExit('stopped')")
+    val = TINY.index("--val_datasets") + 1
+    swapped = list(TINY)
+    swapped[val] = json.dumps(dict(reversed(json.loads(TINY[val]).items())))
+    for args, noted in ((TINY, False), (swapped, True)):
+        with pytest.raises(SystemExit, match="stopped"):
+            run_dvae(args, oodd_root=tmp_path)
+        out = capsys.readouterr().out
+        assert ("the first --val_datasets entry improves, here FashionMNISTBinarized, which is "
+                "not a training set (MNISTBinarized)" in out) == noted, out  # fmt: skip
+
+
 # -- hvae-oodd's dvae_run.py on a CPU ----------------------------------------------------------
 
 
